@@ -1,0 +1,365 @@
+"""One typed config for every stage, with named profiles and `key=value` overrides.
+
+A config is a tree of dataclasses. Profiles (`smoke`, `cpu`, `gpu`) are sets of overrides on the defaults;
+a config file (TOML or JSON) and `--set section.key=value` pairs are applied on top, in that order.
+Every value is validated here, so an impossible config fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value, file or override that cannot be used; the message says which and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    mirror: str | None = None  # folder with the four gzipped IDX files; else $MNIST_MIRROR, ../shared/data/mnist
+    download_dir: str = "~/.cache/mnist-ddpm"  # where torchvision downloads MNIST when no mirror exists
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 16  # d
+    channel_multipliers: tuple[int, ...] = (1, 2, 3)
+    block: str = "resblock"  # "resblock" | "convembed"
+    blocks_per_level: int = 1
+    groups: int = 8
+    heads: int = 4
+    middle_attention: bool = True
+    num_classes: int = 0  # > 0 adds a label embedding (plus a reserved null label) for guidance
+    init: str = "default"  # "default": PyTorch init + zeroed output conv; "flux": Xavier weights, zero biases
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 100
+    schedule: str = "cosine"  # "cosine" | "linear"
+    cosine_s: float = 0.008
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02
+    loss: str = "mse"  # "mse" | "l1"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 32  # global batch: split across Ray workers
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW; 0 gives the original's Adam
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.999  # 0 disables EMA
+    p_uncond: float = 0.1  # label dropout for classifier-free guidance (conditional models only)
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    bf16: bool = True  # autocast to bfloat16 on CUDA; ignored on CPU
+    max_train_images: int = 0  # > 0 trains on a seeded subset (smoke/cpu profiles)
+    max_val_images: int = 0
+    num_workers: int = 1  # Ray Train workers; 1 trains in-process
+    use_gpu: str = "auto"  # Ray workers on GPUs: "auto" | "true" | "false"
+    max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
+    fail_at_epoch: int = 0  # test-only fault switch: rank 0 dies once during this epoch (0 = off)
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    min_accuracy: float = 0.985  # training fails loudly below this test accuracy
+    max_train_images: int = 0
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 10_000
+    sampler: str = "ddpm"  # "ddpm" | "ddim"
+    ddim_steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0  # w in eps_u + w (eps_c - eps_u); used by conditional models
+    batch_size: int = 500  # fixed batches make images independent of how many actors share them
+    seed: int = 1234
+    use_ema: bool = True
+    clip_x0: bool = True
+    num_actors: int = 1  # Ray sampling actors; 1 samples in-process
+    animation_images: int = 16  # images in the reverse-process animation
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+    max_reference_images: int = 0  # > 0 uses a subset of the test/train sets (smoke)
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else sqlite under the runs folder
+    experiment: str = "mnist-ddpm"
+    register_models: bool = True
+
+
+@dataclass
+class Config:
+    profile: str = "cpu"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, e.g. for logging every value as an MLflow param."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# Profiles are overrides on the defaults above (which are the full GPU recipe).
+PROFILES: dict[str, dict[str, Any]] = {
+    # The original recipe: T=100, batch 32, Adam 1e-3, 15 epochs, 10,000 samples.
+    "gpu": {"train.device": "auto"},
+    # Sized for a 2-core machine: about 20 minutes for the whole pipeline.
+    "cpu": {
+        "train.epochs": 3,
+        "train.batch_size": 64,
+        "train.lr": 2e-3,
+        "train.max_train_images": 20_000,
+        "train.max_val_images": 2_000,
+        "sample.num_samples": 1_000,
+        "sample.sampler": "ddim",
+        "sample.ddim_steps": 50,
+        "sample.num_actors": 1,
+        "classifier.epochs": 2,
+    },
+    # Seconds, for tests: tiny network, few steps, few images.
+    "smoke": {
+        "unet.base_channels": 8,
+        "unet.channel_multipliers": (1, 2),
+        "unet.groups": 4,
+        "unet.heads": 2,
+        "diffusion.timesteps": 20,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.max_train_images": 256,
+        "train.max_val_images": 64,
+        "train.ema_decay": 0.9,
+        "classifier.epochs": 2,
+        "classifier.batch_size": 64,
+        "classifier.max_train_images": 5_000,
+        "classifier.min_accuracy": 0.8,
+        "sample.num_samples": 64,
+        "sample.ddim_steps": 10,
+        "sample.batch_size": 16,
+        "sample.animation_images": 4,
+        "eval.max_reference_images": 500,
+    },
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a parsed file value or a `--set` string into the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        return tuple(_coerce(v, args[0], key) for v in value)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}") from None
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"unknown config section {part!r} in {key!r}; sections: {_sections()}")
+        target = getattr(target, part)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    name = parts[-1]
+    if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(Config().flat()))}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, name, _coerce(value, hints[name], key))
+
+
+def _sections() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            return _flatten(tomllib.loads(path.read_text()))
+        if path.suffix == ".json":
+            return _flatten(json.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    raise ConfigError(f"config file {path} must end in .toml or .json")
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} must look like section.key=value, e.g. train.epochs=3")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(
+    profile: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Defaults <- profile <- config file <- overrides, then validation.
+
+    With `base` (e.g. the config a run folder was started with) and no profile, the file and overrides
+    apply on top of `base` instead.
+    """
+    if base is not None and profile is None:
+        cfg = copy.deepcopy(base)
+    else:
+        profile = profile or default_profile()
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        cfg = Config(profile=profile)
+        for key, value in PROFILES[profile].items():
+            _set(cfg, key, value)
+    if config_file:
+        for key, value in read_config_file(config_file).items():
+            if key != "profile":
+                _set(cfg, key, value)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict()` (e.g. from a checkpoint)."""
+    cfg = Config(profile=tree.get("profile", "cpu"))
+    for key, value in _flatten(tree).items():
+        if key != "profile":
+            _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def default_profile() -> str:
+    """`gpu` where CUDA is present, `cpu` otherwise."""
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return "cpu"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
+    _check(u.block in ("resblock", "convembed"), f"unet.block={u.block!r}: use 'resblock' or 'convembed'")
+    _check(u.init in ("default", "flux"), f"unet.init={u.init!r}: use 'default' or 'flux'")
+    _check(u.base_channels > 0 and len(u.channel_multipliers) >= 1, "unet needs base_channels > 0 and >= 1 level")
+    _check(all(m > 0 for m in u.channel_multipliers), "unet.channel_multipliers must be positive")
+    _check(u.blocks_per_level >= 1, "unet.blocks_per_level must be >= 1")
+    _check(u.num_classes >= 0, "unet.num_classes must be >= 0 (0 = unconditional)")
+    _check(d.schedule in ("cosine", "linear"), f"diffusion.schedule={d.schedule!r}: use 'cosine' or 'linear'")
+    _check(d.loss in ("mse", "l1"), f"diffusion.loss={d.loss!r}: use 'mse' or 'l1'")
+    _check(d.timesteps >= 2, "diffusion.timesteps must be >= 2")
+    _check(0 < d.beta_start < d.beta_end < 1, "diffusion needs 0 < beta_start < beta_end < 1")
+    _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train needs epochs >= 1, batch_size >= 1, lr > 0")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+    _check(0 <= t.p_uncond < 1, "train.p_uncond must be in [0, 1)")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
+    _check(t.use_gpu in ("auto", "true", "false"), f"train.use_gpu={t.use_gpu!r}: use auto, true or false")
+    _check(t.num_workers >= 1, "train.num_workers must be >= 1")
+    _check(
+        t.batch_size >= t.num_workers,
+        f"train.batch_size={t.batch_size} is smaller than train.num_workers={t.num_workers}: "
+        "each worker needs at least one image per step",
+    )
+    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)")
+    _check(s.sampler in ("ddpm", "ddim"), f"sample.sampler={s.sampler!r}: use 'ddpm' or 'ddim'")
+    _check(s.num_samples >= 1 and s.batch_size >= 1, "sample needs num_samples >= 1 and batch_size >= 1")
+    _check(
+        1 <= s.ddim_steps <= d.timesteps,
+        f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]",
+    )
+    _check(s.eta >= 0, "sample.eta must be >= 0")
+    _check(s.num_actors >= 1, "sample.num_actors must be >= 1")
+    _check(0 < cfg.classifier.min_accuracy <= 1, "classifier.min_accuracy must be in (0, 1]")
+    # Architecture constraints (divisibility) are checked by the model, which names the fix.
