@@ -1,0 +1,122 @@
+"""Sample-quality scores: Frechet distance on LeNet features, distance to class-mean images, label balance.
+
+All statistics are float64 numpy. The networks only enter through `extract_lenet_outputs`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and sample covariance [D, D] (N - 1 denominator, as in pytorch-fid) of features [N, D]."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2, got shape {f.shape}")
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix via `eigh`.
+
+    Eigenvalues below the rounding floor (D * eps * largest) are set to 0, not just clipped at 0: an exact
+    zero (a dead unit) comes out of eigh as +-1e-17, whose square root, 3e-9, would otherwise leak into the
+    result.
+    """
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    w = np.where(w > w.max() * len(w) * np.finfo(np.float64).eps, w, 0.0)
+    return (v * np.sqrt(w)) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+
+        |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    LeNet's ReLU features have dead units, so S1 and S2 are singular and `scipy.linalg.sqrtm(S1 @ S2)` can
+    return NaN or junk. Instead: with R1 = S1^(1/2) and R2 = S2^(1/2) (symmetric, via eigh), S1 S2 has the
+    same eigenvalues as the symmetric PSD matrix R1 S2 R1 = (R1 R2)(R1 R2)^T, so tr((S1 S2)^(1/2)) is the sum
+    of the singular values of R1 R2. Taking singular values directly, rather than square roots of eigenvalues
+    of R1 S2 R1, keeps rounding-level zeros at ~1e-16 instead of ~1e-8, and the result is exactly symmetric
+    in the two distributions.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64).ravel(), np.asarray(mu2, np.float64).ravel()
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = len(mu1)
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    tr_covmean = np.linalg.svd(_psd_sqrt(s1) @ _psd_sqrt(s2), compute_uv=False).sum()
+    diff = mu1 - mu2
+    dist = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    return float(max(dist, 0.0))  # the distance is >= 0; identical inputs can round to -1e-13
+
+
+def frechet_lenet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Frechet distance between two feature sets [N, D] (e.g. LeNet penultimate features)."""
+    return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+
+
+def class_mean_distance(
+    images: torch.Tensor | np.ndarray,
+    predicted_labels: torch.Tensor | np.ndarray,
+    class_means: torch.Tensor | np.ndarray,
+) -> float:
+    """Mean Euclidean (pixel-space L2) distance from each image to the mean image of its predicted class.
+
+    `class_means` [K, 1, 28, 28] must be in the same range as `images` ([-1, 1]), e.g. test-set class means.
+    """
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float64).flatten(1)
+    means = torch.as_tensor(np.asarray(class_means), dtype=torch.float64).flatten(1)
+    labels = torch.as_tensor(np.asarray(predicted_labels), dtype=torch.long)
+    if len(labels) != len(x) or x.shape[1] != means.shape[1]:
+        raise ValueError(f"{len(x)} images of {x.shape[1]} pixels, {len(labels)} labels, means {means.shape}")
+    return float((x - means[labels]).norm(dim=1).mean())
+
+
+def label_histogram(pred_labels: torch.Tensor | np.ndarray, num_classes: int = 10) -> np.ndarray:
+    """Counts per class, int64 [num_classes]."""
+    labels = np.asarray(pred_labels).astype(np.int64).ravel()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in 0..{num_classes - 1}")
+    return np.bincount(labels, minlength=num_classes)
+
+
+def histogram_imbalance(gen_counts: np.ndarray, ref_counts: np.ndarray) -> float:
+    """Total variation distance between the two normalised histograms: 0.5 * sum |p - q|.
+
+    0 means the same class proportions, 1 means disjoint support (e.g. a collapsed generator against the
+    balanced test set gives 1 - p_ref(that class) = 0.9). It is the largest difference in probability that the
+    two distributions give to any set of classes.
+    """
+    p, q = np.asarray(gen_counts, np.float64), np.asarray(ref_counts, np.float64)
+    if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0 or (p < 0).any() or (q < 0).any():
+        raise ValueError("histograms must have the same shape, non-negative counts and a positive total")
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def extract_lenet_outputs(
+    lenet: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features (float64 [N, D]) and predicted labels (int64 [N]) of images [N, 1, 28, 28].
+
+    Images are in [-1, 1]; the classifier was trained on [0, 1] pixels, so they are mapped there first.
+    `lenet.features(x)` gives the 84-d ReLU features and `lenet(x)` the logits.
+    """
+    was_training = lenet.training
+    lenet.eval()
+    feats, preds = [], []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(images.split(batch_size), desc="LeNet", disable=not progress, leave=False):
+                x = ((batch.float() + 1) / 2).to(device)
+                feats.append(lenet.features(x).double().cpu())
+                preds.append(lenet(x).argmax(dim=1).cpu())
+    finally:
+        lenet.train(was_training)
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy().astype(np.int64)

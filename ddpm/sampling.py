@@ -1,0 +1,230 @@
+"""Reverse-process samplers (DDPM ancestral, DDIM), classifier-free guidance and per-image noise.
+
+Reproducibility contract: every image owns a torch.Generator seeded from (base seed, global image index), and
+every random draw for that image comes from it. An image therefore depends only on its seed (and label), not
+on the batch it was sampled in or on how many workers shared the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.diffusion import GaussianDiffusion
+
+
+def image_seeds(base_seed: int, start: int, count: int) -> list[int]:
+    """Seeds for global image indices start .. start + count - 1.
+
+    Seed i is the first 64-bit word of numpy's SeedSequence([base_seed, i]) with the top bit cleared (so it
+    fits any torch seed). SeedSequence hashes its entropy, so nearby indices or base seeds give unrelated
+    streams, and its output is fixed by the algorithm, not by the numpy version.
+    """
+    if base_seed < 0 or start < 0 or count < 0:
+        raise ValueError("base_seed, start and count must be >= 0")
+    return [
+        int(np.random.SeedSequence([base_seed, i]).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+        for i in range(start, start + count)
+    ]
+
+
+class PerImageNoise:
+    """Standard normal noise with one CPU generator per image: row i of `randn()` comes from seeds[i] only."""
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int]):
+        if len(seeds) == 0:
+            raise ValueError("PerImageNoise needs at least one seed")
+        self.seeds = [int(s) for s in seeds]
+        self.shape = tuple(int(s) for s in shape)  # one image: (C, H, W)
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    @classmethod
+    def for_range(cls, base_seed: int, start: int, count: int, shape: Sequence[int]) -> PerImageNoise:
+        """Noise for global image indices start .. start + count - 1 (see `image_seeds`)."""
+        return cls(image_seeds(base_seed, start, count), shape)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self) -> torch.Tensor:
+        """The next draw, float32 [B, *shape] on the CPU; each call advances every image's generator."""
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # final samples, float32 [B, C, H, W] in [-1, 1], on the CPU
+    xt_frames: list[torch.Tensor] = field(default_factory=list)  # x after each kept step (CPU)
+    x0_frames: list[torch.Tensor] = field(default_factory=list)  # the x0 prediction at that step (CPU)
+    timesteps: list[int] = field(default_factory=list)  # the t each kept step denoised from (0 = last step)
+
+
+class _Frames:
+    """Keeps (x, x0) after every `keep_every`-th step and after the last, for the reverse animation."""
+
+    def __init__(self, keep_every: int, num_steps: int):
+        if keep_every < 0:
+            raise ValueError(f"keep_every={keep_every} must be >= 0")
+        self.keep_every, self.num_steps = keep_every, num_steps
+        self.xt: list[torch.Tensor] = []
+        self.x0: list[torch.Tensor] = []
+        self.timesteps: list[int] = []
+
+    def __call__(self, step: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if self.keep_every and ((step + 1) % self.keep_every == 0 or step + 1 == self.num_steps):
+            self.xt.append(x.float().cpu().clone())
+            self.x0.append(x0.float().cpu().clone())
+            self.timesteps.append(int(t))
+
+    def result(self, x: torch.Tensor) -> SampleResult:
+        return SampleResult(x.clamp(-1, 1).float().cpu(), self.xt, self.x0, self.timesteps)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")  # a parameter-free model (e.g. an analytic stand-in)
+
+
+def guided_eps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond), as float32.
+
+    Unconditional models, or labels=None, give plain model(x, t). Otherwise the conditional and null-label
+    halves run as one batch of 2B. w = 1 (pure conditional) and w = 0 (pure unconditional) need only one half,
+    so they skip the other.
+    """
+    if labels is None or not getattr(model, "num_classes", 0):
+        return model(x, t, None).float()
+    if guidance_scale == 1.0:
+        return model(x, t, labels).float()
+    null = torch.full_like(labels, model.null_label)
+    if guidance_scale == 0.0:
+        return model(x, t, null).float()
+    eps_cond, eps_uncond = (
+        model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+    )
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+class _EvalMode:
+    """model.eval() for the duration, then the previous mode back (sampling mid-training must not end it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def _prepare(model, diffusion, noise, labels):
+    device = _device_of(model)
+    if labels is not None:
+        labels = labels.to(device)
+        if len(labels) != len(noise):
+            raise ValueError(f"{len(labels)} labels for {len(noise)} images")
+    return device, diffusion.to(device), labels
+
+
+def ddpm_sample(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    noise: PerImageNoise,
+    *,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = True,
+    keep_every: int = 0,
+    progress: bool = False,
+) -> SampleResult:
+    """Ancestral sampling (Ho et al.): x_{t-1} ~ q(x_{t-1} | x_t, x0_hat), over all T steps.
+
+    x0_hat comes from the predicted noise and is clipped to the data range [-1, 1] when clip_x0, which keeps
+    early, poor predictions from throwing the chain off. The last step (t = 0) adds no noise.
+    """
+    device, diffusion, labels = _prepare(model, diffusion, noise, labels)
+    T = diffusion.num_timesteps
+    frames = _Frames(keep_every, T)
+    with torch.inference_mode(), _EvalMode(model):
+        x = noise.randn().to(device)
+        for step, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
+            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
+            eps = guided_eps(model, x, tt, labels, guidance_scale)
+            x0 = diffusion.predict_x0(x, tt, eps)
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+            mean, var = diffusion.q_posterior(x0, x, tt)
+            x = mean + var.sqrt() * noise.randn().to(device) if t > 0 else mean
+            frames(step, t, x, x0)
+    return frames.result(x)
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced timesteps from T-1 down to 0 (both ends when steps >= 2; [T-1] for steps = 1)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps={steps} must be in [1, {num_timesteps}]")
+    # Spacing (T-1)/(steps-1) >= 1, so rounding keeps them distinct; starting at T-1 matches x_T ~ N(0, I).
+    return [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps))]
+
+
+def ddim_sample(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    noise: PerImageNoise,
+    *,
+    steps: int,
+    eta: float = 0.0,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = True,
+    keep_every: int = 0,
+    progress: bool = False,
+) -> SampleResult:
+    """DDIM (Song et al. 2021) over `ddim_timesteps(T, steps)`.
+
+    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev), with ab_prev = 1 after the last step.
+    eta = 0 is deterministic given x_T; eta = 1 with steps = T is exactly DDPM ancestral sampling.
+    When x0 is clipped, eps is recomputed from the clipped x0 (as guided-diffusion does) so the two agree.
+    Noise is drawn only on steps with sigma > 0.
+    """
+    if eta < 0:
+        raise ValueError(f"eta={eta} must be >= 0")
+    device, diffusion, labels = _prepare(model, diffusion, noise, labels)
+    seq = ddim_timesteps(diffusion.num_timesteps, steps)
+    ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
+    frames = _Frames(keep_every, len(seq))
+    with torch.inference_mode(), _EvalMode(model):
+        x = noise.randn().to(device)
+        for step, t in enumerate(tqdm(seq, desc="DDIM", disable=not progress, leave=False)):
+            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
+            eps = guided_eps(model, x, tt, labels, guidance_scale)
+            x0 = diffusion.predict_x0(x, tt, eps)
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+                eps = diffusion.predict_eps(x, tt, x0)
+            a = float(ab[t])
+            a_prev = float(ab[seq[step + 1]]) if step + 1 < len(seq) else 1.0
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+            x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+            if sigma > 0:
+                x = x + sigma * noise.randn().to(device)
+            frames(step, t, x, x0)
+    return frames.result(x)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats to uint8 pixels: round((x + 1) * 127.5), clamped to 0..255."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
