@@ -1,0 +1,103 @@
+"""Pictures people would rather see than read: sample grids, the reverse-process GIF, loss and label plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_array(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[N,1,H,W] or [N,H,W]; float in [-1, 1] or already uint8 -> uint8 [N,H,W]."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, 0]
+    if images.dtype != np.uint8:
+        images = np.clip(np.rint((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return images
+
+
+def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 array with `pad` pixels of grey between them."""
+    images = to_uint8_array(images)
+    n, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad), 128, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
+    return out
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = None, scale: int = 2) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(grid(images, nrow))
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    return path
+
+
+def save_reverse_process_gif(xt_frames: list[torch.Tensor], x0_frames: list[torch.Tensor],
+                             timesteps: list[int], path: Path, scale: int = 3, ms_per_frame: int = 80) -> Path:
+    """Left: the noisy x_t; right: the model's estimate of x0 at that step (as in the original blog)."""
+    frames = []
+    for xt, x0 in zip(xt_frames, x0_frames, strict=True):
+        left, right = grid(xt), grid(x0)
+        gap = np.full((left.shape[0], 6), 255, dtype=np.uint8)
+        picture = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+        frames.append(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST))
+    frames += [frames[-1]] * 10  # linger on the result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation (EMA weights)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epsilon-prediction loss")
+    ax.set_title("U-Net training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_label_histogram(generated: np.ndarray, reference: np.ndarray, path: Path) -> Path:
+    """Share of each digit among generated images next to the test set's: bias shows as uneven bars."""
+    plt = _pyplot()
+    digits = np.arange(len(generated))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(digits - 0.2, generated / max(generated.sum(), 1), width=0.4, label="generated")
+    ax.bar(digits + 0.2, reference / max(reference.sum(), 1), width=0.4, label="test set")
+    ax.set_xticks(digits)
+    ax.set_xlabel("digit (LeNet prediction)")
+    ax.set_ylabel("share")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
