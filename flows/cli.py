@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from ddpm.config import Config, ConfigError, config_from_dict, load_config
-
-STAGES = ("data", "train-classifier", "train", "sample", "evaluate")
+from ddpm.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
 
 
 def _common(parser: argparse.ArgumentParser, needs_out: bool = True) -> None:
@@ -67,10 +64,6 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
     return load_config(args.profile, args.config_file, overrides, base=base)
 
 
-def new_run_dir(cfg: Config) -> Path:
-    return Path(cfg.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
-
-
 def cmd_model_summary(cfg: Config) -> None:
     from ddpm.models import LeNet5, build_unet, summary_table
 
@@ -107,12 +100,17 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool) -> objec
     raise ValueError(command)
 
 
-def cmd_pipeline(cfg: Config, run_dir: Path, progress: bool) -> None:
-    for command in STAGES:
-        print(f"== {command} ==", flush=True)
-        print(json.dumps(run_stage(command, cfg, run_dir, progress), indent=2, default=str))
-    print(f"\nrun finished: {run_dir}\n  samples:    {run_dir / 'samples.png'}\n"
-          f"  evaluation: {run_dir / 'evaluation.json'}")
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """The Prefect flow, embedded: no servers needed (ephemeral Prefect, local Ray, SQLite MLflow)."""
+    from flows.pipeline import mnist_ddpm
+
+    overrides = parse_overrides(args.overrides)
+    if args.mirror:
+        overrides["data.mirror"] = args.mirror
+    load_config(args.profile, args.config_file, overrides)  # fail on a bad config before anything starts
+    out = Path(args.out) if args.out else None
+    mnist_ddpm(profile=args.profile, overrides=overrides, config_file=args.config_file,
+               run_name=out.name if out else None, runs_dir=str(out.parent) if out else None)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -130,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "model-summary":
             cmd_model_summary(resolve_config(args, None))
         elif args.command == "pipeline":
-            cfg = resolve_config(args, Path(args.out) if args.out else None)
-            cmd_pipeline(cfg, Path(args.out) if args.out else new_run_dir(cfg), not args.quiet)
+            cmd_pipeline(args)
         else:
             if not args.out:
                 raise ConfigError(f"`ddpm {args.command}` needs --out RUN_DIR (the run folder the stages share)")

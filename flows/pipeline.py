@@ -1,0 +1,267 @@
+"""The `mnist-ddpm` Prefect flow: data -> LeNet evaluator -> U-Net (Ray Train) -> samples (Ray) -> evaluation
+-> register and promote, tracked in MLflow.
+
+Embedded (`make run`): Prefect runs ephemerally, Ray starts locally, MLflow writes a SQLite store beside the runs.
+On a cluster the same flow picks the services up from PREFECT_API_URL, RAY_ADDRESS and MLFLOW_TRACKING_URI.
+
+Caching: data preparation and LeNet training are keyed by their inputs (data config; data key + classifier
+config) and kept under `<runs>/cache/`, so a rerun with the same inputs reuses them, and keeps the same
+evaluator, so FLDs stay comparable. A rerun with the same `run_name` resumes the U-Net from its last checkpoint,
+and so does a task retry after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from ddpm import stages
+from ddpm.config import Config, load_config
+from ddpm.data import prepare_dataset, prepared_ok
+from ddpm.models import LeNet5, build_unet, count_parameters
+from ddpm.stages import RunPaths
+from flows.tracking import Tracker, tracking_uri, ui_hint
+
+DATA_FORMAT = 1  # bump when the prepared dataset's layout changes: invalidates cached data
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_key(cfg: Config) -> str:
+    return _key({"format": DATA_FORMAT, "split_seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction})
+
+
+def lenet_key(cfg: Config) -> str:
+    return _key({"data": data_key(cfg), "classifier": cfg.classifier.__dict__})
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.resolve() == target.resolve():
+            return
+        link.unlink() if link.is_symlink() else shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+class Stage:
+    """An MLflow child run around one stage; marks it FAILED (and re-raises) if the stage fails."""
+
+    def __init__(self, tracker: Tracker, name: str):
+        self.tracker, self.name = tracker, name
+
+    def __enter__(self) -> str:
+        self.run_id = self.tracker.child(self.name)
+        return self.run_id
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.tracker.end(self.run_id, "FAILED" if exc_type else "FINISHED")
+
+
+@task(name="prepare-data", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
+    with Stage(tracker, "data") as run_id:
+        cached_dir = cache / f"data-{data_key(cfg)}"
+        cached = prepared_ok(cached_dir)
+        if not cached:
+            prepare_dataset(cached_dir, cfg.data, progress=False)  # atomic: all or nothing
+        manifest = json.loads((cached_dir / "manifest.json").read_text())
+        _link(paths.data, cached_dir)
+        tracker.tag(run_id, {"cached": cached, "data_key": data_key(cfg)})
+        tracker.params(run_id, {f"md5.{name}": md5 for name, md5 in manifest.get("source_md5", {}).items()})
+        tracker.metrics(run_id, {f"count_{split}": n for split, n in manifest["counts"].items()})
+        tracker.json_artifact(run_id, "manifest.json", manifest)
+        get_run_logger().info("data %s: %s", "reused from cache" if cached else "prepared", cached_dir)
+        return {"cached": cached, "manifest": manifest}
+
+
+@task(name="train-lenet", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
+    from ddpm.classifier import load_lenet
+
+    with Stage(tracker, "train-lenet") as run_id:
+        cached_path = cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt"
+        cached = cached_path.exists() and load_lenet(cached_path)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
+        if cached:
+            paths.lenet.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached_path, paths.lenet)
+        else:
+            stages.train_classifier(cfg, paths, progress=False)  # raises (caching nothing) if accuracy is too low
+            cached_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths.lenet, cached_path.with_suffix(".tmp"))
+            cached_path.with_suffix(".tmp").replace(cached_path)
+        _, metrics = load_lenet(paths.lenet)
+        version = tracker.register_lenet(run_id, paths.lenet, metrics["evaluator_id"], metrics["test_accuracy"])
+        tracker.tag(run_id, {"cached": cached, "evaluator_id": metrics["evaluator_id"],
+                             "evaluator_version": version})
+        tracker.params(run_id, {"lenet_parameters": count_parameters(LeNet5())})
+        tracker.metrics(run_id, {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"]})
+        tracker.artifact(run_id, paths.lenet, "checkpoints")
+        get_run_logger().info("LeNet %s: test accuracy %.4f, evaluator %s (v%s)", "reused" if cached else "trained",
+                              metrics["test_accuracy"], metrics["evaluator_id"], version)
+        return {**metrics, "cached": cached, "evaluator_version": version}
+
+
+@task(name="train-unet", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict[str, Any]]:
+    """Ray Train; a retry (or a rerun with the same run name) resumes from the last checkpoint."""
+    from flows.distributed import train_with_ray
+
+    with Stage(tracker, "train-unet") as run_id:
+        tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
+                                "num_workers": cfg.train.num_workers})
+        history = train_with_ray(cfg, paths, progress=False)
+        for h in history:
+            tracker.metrics(run_id, {"train_loss": h["train_loss"], "val_loss": h["val_loss"],
+                                     "images_per_s": h["images_per_s"], "epoch_seconds": h["seconds"]},
+                            step=h["epoch"])
+        tracker.artifact(run_id, paths.loss_png)
+        tracker.artifact(run_id, paths.history)
+        tracker.artifact(run_id, paths.model, "checkpoints")
+        tracker.artifact(run_id, paths.checkpoints / "last.pt", "checkpoints")
+        return history
+
+
+@task(name="sample", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
+    from flows.distributed import sample_with_ray
+
+    with Stage(tracker, "sample") as run_id:
+        start = time.perf_counter()
+        sample_with_ray(cfg, paths, progress=False)
+        seconds = time.perf_counter() - start
+        tracker.metrics(run_id, {"num_samples": cfg.sample.num_samples, "sampling_seconds": seconds,
+                                 "images_per_s": cfg.sample.num_samples / seconds})
+        tracker.artifact(run_id, paths.samples_png)
+        tracker.artifact(run_id, paths.animation)
+        tracker.artifact(run_id, paths.samples, "samples")
+        return str(paths.samples)
+
+
+def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None]) -> str:
+    fld = result["fld"]
+    rows = [
+        "| set | FLD vs test |", "| --- | ---: |",
+        *(f"| {name.replace('_vs_test', '').replace('_', ' ')} | {value:.3f} |" for name, value in fld.items()),
+    ]
+    gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
+    return "\n".join([
+        "# mnist-ddpm evaluation", "", *rows, "",
+        f"- class-mean distance: generated {result['class_mean_distance']['generated']:.3f}, "
+        f"test {result['class_mean_distance']['test']:.3f}",
+        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}",
+        f"- generated label histogram: {gen}", f"- test label histogram: {test}",
+        f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy {result['lenet']['test_accuracy']:.4f})",
+        "", *(f"- {name}: {link}" for name, link in links.items() if link),
+    ])
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_version: str) -> dict[str, Any]:
+    with Stage(tracker, "evaluate") as run_id:
+        result = stages.evaluate(cfg, paths, progress=False)
+        flat = {f"fld_{k.replace('_vs_test', '')}": v for k, v in result["fld"].items()}
+        flat.update({"class_mean_distance": result["class_mean_distance"]["generated"],
+                     "label_imbalance_tv": result["label_imbalance_tv"],
+                     "lenet_test_accuracy": result["lenet"]["test_accuracy"]})
+        tags = {"evaluator_id": result["lenet"]["evaluator_id"], "evaluator_version": evaluator_version}
+        for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
+            tracker.metrics(target, flat)
+            tracker.tag(target, tags)
+        tracker.artifact(run_id, paths.evaluation)
+        tracker.artifact(run_id, paths.histogram_png)
+        tracker.artifact(run_id, paths.samples_png)
+        (paths.root / "evaluation.md").write_text(evaluation_markdown(result, {}))
+        tracker.artifact(run_id, paths.root / "evaluation.md")
+        return result
+
+
+@task(name="register-and-promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[str, Any],
+                  evaluator_version: str, promotion: str) -> dict[str, Any]:
+    with Stage(tracker, "register") as run_id:
+        fld = result["fld"]["generated_vs_test"]
+        evaluator_id = result["lenet"]["evaluator_id"]
+        version = tracker.register_unet(run_id, paths.model, {
+            "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
+            "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
+        })
+        if promotion == "never":
+            decision = {"promoted": False, "reason": "promotion disabled for this run", "version": version}
+        else:
+            decision = tracker.promote_if_better(version, fld, evaluator_id)
+        tracker.json_artifact(run_id, "promotion.json", decision)
+        tracker.tag(tracker.parent_id, {"unet_version": version, "promoted": decision["promoted"],
+                                        "promotion_reason": decision["reason"]})
+        get_run_logger().info("U-Net v%s: %s (%s)", version, "promoted to champion" if decision["promoted"]
+                              else "not promoted", decision["reason"])
+        return decision
+
+
+def resolve_runs_dir(cfg: Config, runs_dir: str | None) -> Path:
+    return Path(runs_dir or os.environ.get("MNIST_DDPM_RUNS_DIR") or cfg.runs_dir).resolve()
+
+
+@flow(name="mnist-ddpm", log_prints=True, persist_result=False)
+def mnist_ddpm(
+    profile: str | None = None,
+    overrides: dict[str, str] | None = None,
+    config_file: str | None = None,
+    run_name: str | None = None,
+    runs_dir: str | None = None,
+    promotion: str = "if_better",
+) -> dict[str, Any]:
+    """The whole pipeline. `profile`: smoke | cpu | gpu; `overrides`: {"train.epochs": "3", ...};
+    `run_name`: reuse one to resume a crashed run; `promotion`: if_better | never."""
+    from prefect.runtime import flow_run
+
+    cfg = load_config(profile, config_file, overrides or {})
+    runs = resolve_runs_dir(cfg, runs_dir)
+    run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
+    paths = RunPaths(runs / run_name)
+    stages.save_config(cfg, paths)
+    uri = tracking_uri(cfg.tracking.mlflow_uri, runs)
+    tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
+        "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": str(flow_run.get_id()),
+    })
+    tracker.params(tracker.parent_id, cfg.flat())
+    tracker.artifact(tracker.parent_id, paths.config)
+    print(f"run folder: {paths.root}\nMLflow: {ui_hint(uri)}")
+    try:
+        cache = runs / "cache"
+        prepare_data_task(cfg, paths, cache, tracker)
+        lenet = train_lenet_task(cfg, paths, cache, tracker)
+        train_unet_task(cfg, paths, tracker)
+        sample_task(cfg, paths, tracker)
+        result = evaluate_task(cfg, paths, tracker, lenet["evaluator_version"])
+        decision = register_task(cfg, paths, tracker, result, lenet["evaluator_version"], promotion)
+    except BaseException:
+        tracker.end(tracker.parent_id, "FAILED")
+        raise
+    tracker.end(tracker.parent_id)
+    links = {"MLflow run": tracker.url(), "MLflow UI": ui_hint(uri) if not tracker.url() else None}
+    create_markdown_artifact(evaluation_markdown(result, links), key="evaluation",
+                             description=f"mnist-ddpm run {run_name}")
+    if tracker.url():
+        create_link_artifact(tracker.url(), link_text=f"MLflow run {run_name}", key="mlflow-run")
+    summary = {"run_dir": str(paths.root), "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
+               "fld": result["fld"], "promotion": decision}
+    print(json.dumps(summary, indent=2))
+    print(f"\nresults: {paths.root}  (samples.png, reverse_process.gif, evaluation.json)\n"
+          f"open the MLflow UI: {ui_hint(uri)}")
+    return summary
+
+
+if __name__ == "__main__":
+    mnist_ddpm()

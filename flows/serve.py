@@ -1,0 +1,54 @@
+"""Serve the `mnist-ddpm` flow's deployments from a long-lived process.
+
+    mnist-ddpm/full      on demand:  prefect deployment run mnist-ddpm/full --param profile=smoke --watch
+    mnist-ddpm/retrain   on a cron schedule (weekly by default); promotes only a better model
+
+Needs PREFECT_API_URL (a Prefect server); the flow runs it starts inherit RAY_ADDRESS and MLFLOW_TRACKING_URI.
+The schedule lives here, in code: restarting `serve()` replaces schedules added from the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType
+
+from flows.pipeline import mnist_ddpm
+
+RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
+
+
+def deployments(retrain_cron: str, retrain_profile: str | None):
+    common = dict(entrypoint_type=EntrypointType.MODULE_PATH, tags=["mnist-ddpm"])
+    full = mnist_ddpm.to_deployment(
+        name="full", description="The whole pipeline on demand; parameters: profile, overrides, run_name.",
+        **common,
+    )
+    retrain = mnist_ddpm.to_deployment(
+        name="retrain", cron=retrain_cron,
+        parameters={"profile": retrain_profile, "promotion": "if_better"},
+        description="Scheduled retraining: moves the champion alias only when the FLD improves under the "
+                    "same evaluator.",
+        **common,
+    )
+    return full, retrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--retrain-cron", default=os.environ.get("MNIST_DDPM_RETRAIN_CRON", RETRAIN_CRON),
+                        help=f"cron schedule of mnist-ddpm/retrain (default {RETRAIN_CRON!r}, env "
+                             "MNIST_DDPM_RETRAIN_CRON)")
+    parser.add_argument("--retrain-profile", default=os.environ.get("MNIST_DDPM_RETRAIN_PROFILE"),
+                        help="profile of scheduled retraining (default: gpu where CUDA exists, else cpu)")
+    args = parser.parse_args(argv)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SystemExit("PREFECT_API_URL is not set: start a Prefect server (make cluster-up) and export its "
+                         "URL, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api")
+    serve(*deployments(args.retrain_cron, args.retrain_profile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""MLflow tracking: one parent run per pipeline run, a child run per stage, registered models with aliases.
+
+Runs are addressed by id through `MlflowClient`, never through MLflow's "active run" (which is per thread,
+while Prefect may run tasks on other threads). The FLD depends on the LeNet that computes it, so every
+evaluation records the evaluator (`evaluator_id`, a fingerprint of its weights, and its registered version),
+and the champion alias only moves between models scored by the same evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.tracking import MlflowClient
+
+UNET_MODEL = "mnist-ddpm-unet"
+LENET_MODEL = "mnist-lenet"
+CHAMPION = "champion"
+EVALUATOR_ALIAS = "evaluator"
+PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency inference takes >10 s
+
+
+def tracking_uri(configured: str, runs_dir: Path) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the runs (embedded mode)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve()}/mlflow.db"
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  (then http://127.0.0.1:5000)"
+    return uri
+
+
+def _log_pyfunc(run_id: str, **kwargs: Any):
+    """Log a pyfunc model into an existing run. Our PythonModel classes are importable (flows.tracking), so
+    cloudpickle stores them by reference; MLflow's generic warnings about that and about type hints are muted."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pyfunc.log_model(pip_requirements=PIP_REQUIREMENTS, **kwargs)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+class UNetSampler(mlflow.pyfunc.PythonModel):
+    """The registered U-Net as an MLflow model: input rows carry a `seed` (and a `label` for conditional
+    models); the output is one 784-pixel uint8 image per row. Weights load with weights_only=True."""
+
+    def load_context(self, context) -> None:
+        from ddpm.diffusion import GaussianDiffusion
+        from ddpm.training import load_model
+
+        self.model, self.cfg = load_model(Path(context.artifacts["model"]))
+        self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion)
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        from ddpm.generate import run_sampler
+        from ddpm.sampling import PerImageNoise, to_uint8
+
+        seeds = [int(s) for s in model_input["seed"]]
+        labels = None
+        if self.cfg.unet.num_classes and "label" in model_input:
+            labels = torch.tensor([int(v) for v in model_input["label"]])
+        noise = PerImageNoise(seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size))
+        images = run_sampler(self.model, self.diffusion, self.cfg.sample, noise, labels).images
+        return to_uint8(images).reshape(len(seeds), -1).numpy()
+
+
+class LeNetClassifier(mlflow.pyfunc.PythonModel):
+    """The registered evaluator: rows of 784 pixels in [0, 1] -> predicted digit."""
+
+    def load_context(self, context) -> None:
+        from ddpm.classifier import load_lenet
+
+        self.model, self.metrics = load_lenet(Path(context.artifacts["lenet"]))
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 28, 28)
+        with torch.no_grad():
+            return self.model(x).argmax(1).numpy()
+
+
+@dataclass
+class Tracker:
+    """Thin wrapper over MlflowClient for one pipeline run."""
+
+    uri: str
+    experiment_id: str
+    parent_id: str
+    client: MlflowClient
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, runs_dir: Path, tags: dict[str, str]) -> Tracker:
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            # A local store needs an absolute artifact root; a server chooses its own (proxied) one.
+            location = None if uri.startswith("http") else (runs_dir.resolve() / "mlartifacts").as_uri()
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        parent = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        return cls(uri, experiment_id, parent.info.run_id, client)
+
+    def child(self, stage: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage,
+            tags={"mlflow.parentRunId": self.parent_id, "stage": stage},
+        )
+        return run.info.run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, float(value), step=step)
+
+    def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def json_artifact(self, run_id: str, name: str, payload: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, default=str))
+            self.client.log_artifact(run_id, str(path))
+
+    def tag(self, run_id: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def url(self, run_id: str | None = None) -> str | None:
+        return run_url(self.uri, self.experiment_id, run_id or self.parent_id)
+
+    # -- registry ---------------------------------------------------------------------------------------------
+
+    def register_lenet(self, run_id: str, lenet_path: Path, evaluator_id: str, accuracy: float) -> str:
+        """One registered version per distinct evaluator: a cached LeNet reuses its existing version."""
+        existing = self.client.search_model_versions(
+            f"name='{LENET_MODEL}' and tag.evaluator_id='{evaluator_id}'")
+        if existing:
+            version = existing[0].version
+        else:
+            info = _log_pyfunc(run_id, name="lenet", python_model=LeNetClassifier(),
+                               artifacts={"lenet": str(lenet_path)}, registered_model_name=LENET_MODEL)
+            version = str(info.registered_model_version)
+            self.client.set_model_version_tag(LENET_MODEL, version, "evaluator_id", evaluator_id)
+            self.client.set_model_version_tag(LENET_MODEL, version, "test_accuracy", f"{accuracy:.4f}")
+        self.client.set_registered_model_alias(LENET_MODEL, EVALUATOR_ALIAS, version)
+        return version
+
+    def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any]) -> str:
+        info = _log_pyfunc(run_id, name="unet", python_model=UNetSampler(), artifacts={"model": str(model_path)},
+                           registered_model_name=UNET_MODEL)
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(UNET_MODEL, version, key, str(value))
+        return version
+
+    def champion(self) -> dict[str, Any] | None:
+        try:
+            mv = self.client.get_model_version_by_alias(UNET_MODEL, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            return None
+        return {"version": str(mv.version), **mv.tags}
+
+    def promote_if_better(self, version: str, fld: float, evaluator_id: str) -> dict[str, Any]:
+        """Move `champion` to `version` when no champion exists or it beats the champion's FLD under the same
+        evaluator; otherwise leave it and say why."""
+        current = self.champion()
+        if current is None:
+            promote, reason = True, "no champion yet"
+        elif current.get("evaluator_id") != evaluator_id:
+            promote, reason = False, (
+                f"champion v{current['version']} was scored by evaluator {current.get('evaluator_id')}, this run "
+                f"by {evaluator_id}: FLDs from different evaluators are not comparable")
+        elif fld < float(current["fld"]):
+            promote, reason = True, f"FLD {fld:.3f} beats champion v{current['version']}'s {float(current['fld']):.3f}"
+        else:
+            promote, reason = False, (
+                f"FLD {fld:.3f} does not beat champion v{current['version']}'s {float(current['fld']):.3f}")
+        if promote:
+            self.client.set_registered_model_alias(UNET_MODEL, CHAMPION, version)
+        decision = {"promoted": promote, "reason": reason, "version": version,
+                    "previous_champion": current["version"] if current else None}
+        self.client.set_model_version_tag(UNET_MODEL, version, "promotion", reason)
+        return decision

@@ -1,0 +1,130 @@
+"""The Prefect flow in embedded mode (ephemeral Prefect, local Ray, MLflow on SQLite), smoke profile.
+
+One module-scoped sequence: a first run, a rerun with the same inputs (data and LeNet come from the cache, the
+evaluator stays the same, promotion follows the FLD), and a resume of the first run with one more epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+STAGES = {"data", "train-lenet", "train-unet", "sample", "evaluate", "register"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mirror):
+    import ray
+
+    from flows.pipeline import mnist_ddpm
+
+    root = tmp_path_factory.mktemp("runs")
+    common = {"profile": "smoke", "runs_dir": str(root)}
+    overrides = {"data.mirror": str(mirror)}
+    first = mnist_ddpm(run_name="first", overrides=overrides, **common)
+    second = mnist_ddpm(run_name="second", overrides=overrides, **common)
+    resumed = mnist_ddpm(run_name="first", overrides={**overrides, "train.epochs": "3"}, **common)
+    yield root, first, second, resumed
+    ray.shutdown()
+
+
+def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    parent = client.get_run(parent_id)
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.data.tags["stage"]: run for run in found}
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, folder):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_first_run_tracks_everything(runs):
+    root, first, _, _ = runs
+    client = MlflowClient(first["tracking_uri"])
+    assert first["tracking_uri"] == f"sqlite:///{root}/mlflow.db"
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.epochs"] == "2" and parent.data.params["profile"] == "smoke"
+    assert math.isfinite(parent.data.metrics["fld_generated"])
+    assert parent.data.metrics["fld_test"] == pytest.approx(0, abs=1e-6)
+    assert parent.data.metrics["fld_uniform_noise"] > parent.data.metrics["fld_train"]
+    stages = children(client, first["mlflow_run_id"])
+    assert set(stages) == STAGES and all(r.info.status == "FINISHED" for r in stages.values())
+    assert stages["data"].data.params["md5.train-images-idx3-ubyte.gz"] == "6bbc9ace898e44ae57da46a324031adb"
+    assert stages["train-lenet"].data.params["lenet_parameters"] == "44426"
+    losses = client.get_metric_history(stages["train-unet"].info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2]
+    assert {"loss_curves.png", "history.json", "checkpoints/model.pt", "checkpoints/last.pt"} <= \
+        artifact_paths(client, stages["train-unet"].info.run_id)
+    assert {"samples.png", "reverse_process.gif", "samples/samples.parquet"} <= \
+        artifact_paths(client, stages["sample"].info.run_id)
+    assert {"evaluation.json", "label_histogram.png", "evaluation.md"} <= \
+        artifact_paths(client, stages["evaluate"].info.run_id)
+    run_dir = root / "first"
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["counts"]["generated"] == 64
+    assert parent.data.tags["evaluator_id"] == evaluation["lenet"]["evaluator_id"]
+
+
+def test_registered_models_and_aliases(runs):
+    _, first, second, resumed = runs
+    client = MlflowClient(first["tracking_uri"])
+    evaluator = client.get_model_version_by_alias("mnist-lenet", "evaluator")
+    assert str(evaluator.version) == "1"  # the rerun reused the cached LeNet: no second evaluator version
+    assert len(client.search_model_versions("name='mnist-lenet'")) == 1
+    assert first["promotion"] == {"promoted": True, "reason": "no champion yet", "version": "1",
+                                  "previous_champion": None}
+    # Each later run is promoted exactly when it beats the champion of its time, under the same evaluator.
+    best_version, best_fld = "1", first["fld"]["generated_vs_test"]
+    for run, version in ((second, "2"), (resumed, "3")):
+        fld = run["fld"]["generated_vs_test"]
+        assert run["promotion"]["version"] == version
+        assert run["promotion"]["promoted"] == (fld < best_fld), run["promotion"]
+        assert run["promotion"]["previous_champion"] == best_version
+        if fld < best_fld:
+            best_version, best_fld = version, fld
+    champion = client.get_model_version_by_alias("mnist-ddpm-unet", "champion")
+    assert str(champion.version) == best_version
+    assert float(champion.tags["fld"]) == pytest.approx(best_fld)
+    assert champion.tags["evaluator_id"] == evaluator.tags["evaluator_id"]
+
+
+def test_rerun_reuses_cached_data_and_lenet(runs):
+    _, first, second, _ = runs
+    client = MlflowClient(first["tracking_uri"])
+    one, two = children(client, first["mlflow_run_id"]), children(client, second["mlflow_run_id"])
+    assert one["data"].data.tags["cached"] == "False" and two["data"].data.tags["cached"] == "True"
+    assert one["train-lenet"].data.tags["cached"] == "False" and two["train-lenet"].data.tags["cached"] == "True"
+    # Same data, same evaluator: the two runs' baselines agree exactly.
+    assert first["fld"]["train_vs_test"] == second["fld"]["train_vs_test"]
+
+
+def test_rerun_with_same_name_resumes_unet(runs):
+    root, _, _, resumed = runs
+    from flows.distributed import read_events
+
+    history = json.loads((root / "first" / "unet" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    events = read_events(root / "first" / "unet" / "ray", "unet-first")
+    starts = [e["resumed_after_epoch"] for e in events if e["event"] == "start"]
+    assert starts == [0, 2]
+    assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2, 3]
+    assert resumed["run_dir"] == str(root / "first")
+
+
+def test_loaded_registered_unet_generates_digits(runs):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    _, first, _, _ = runs
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/mnist-ddpm-unet@champion")
+    images = model.predict(pd.DataFrame({"seed": [1, 2, 3]}))
+    assert images.shape == (3, 784) and images.dtype.name == "uint8"
+    assert len({bytes(row) for row in images}) == 3
