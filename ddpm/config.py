@@ -146,18 +146,17 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     # The original recipe: T=100, batch 32, Adam 1e-3, 15 epochs, 10,000 samples.
     "gpu": {"train.device": "auto"},
-    # Sized for a 2-core machine: about 20 minutes for the whole pipeline.
+    # Sized for a 2-core machine (measured: ~200 train img/s, ~400 sampling img-steps/s): about 20 minutes.
     "cpu": {
-        "train.epochs": 3,
+        "train.epochs": 2,
         "train.batch_size": 64,
-        "train.lr": 2e-3,
-        "train.max_train_images": 20_000,
         "train.max_val_images": 2_000,
+        "train.num_workers": 2,
         "sample.num_samples": 1_000,
         "sample.sampler": "ddim",
         "sample.ddim_steps": 50,
-        "sample.num_actors": 1,
-        "classifier.epochs": 2,
+        "sample.num_actors": 2,
+        "classifier.epochs": 3,
     },
     # Seconds, for tests: tiny network, few steps, few images.
     "smoke": {
@@ -362,4 +361,11 @@ def validate(cfg: Config) -> None:
     _check(s.eta >= 0, "sample.eta must be >= 0")
     _check(s.num_actors >= 1, "sample.num_actors must be >= 1")
     _check(0 < cfg.classifier.min_accuracy <= 1, "classifier.min_accuracy must be in (0, 1]")
-    # Architecture constraints (divisibility) are checked by the model, which names the fix.
+    # The model owns its architecture rules (divisibility by groups/heads, image size per level); asking it here
+    # makes an impossible network fail before any stage starts, with the same message.
+    from ddpm.models.unet import check_config
+
+    try:
+        check_config(u, d.timesteps)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

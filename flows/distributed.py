@@ -265,7 +265,7 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
     s = cfg.sample
     gpus = cluster_gpus()
     resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    num_actors = min(s.num_actors, gpus) if gpus else s.num_actors
+    num_actors = gpus if gpus else s.num_actors  # one actor per GPU; on CPU the configured count
     # Several shards per actor: finer progress and load balance; shard edges stay on batch boundaries.
     shards = plan_shards(s.num_samples, s.batch_size, num_actors * 4)
     shard_dir = paths.samples.parent / "shards"
