@@ -102,7 +102,9 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
             shutil.copyfile(paths.lenet, cached_path.with_suffix(".tmp"))
             cached_path.with_suffix(".tmp").replace(cached_path)
         _, metrics = load_lenet(paths.lenet)
-        version = tracker.register_lenet(run_id, paths.lenet, metrics["evaluator_id"], metrics["test_accuracy"])
+        version = "unregistered"
+        if cfg.tracking.register_models:
+            version = tracker.register_lenet(run_id, paths.lenet, metrics["evaluator_id"], metrics["test_accuracy"])
         tracker.tag(run_id, {"cached": cached, "evaluator_id": metrics["evaluator_id"],
                              "evaluator_version": version})
         tracker.params(run_id, {"lenet_parameters": count_parameters(LeNet5())})
@@ -245,7 +247,10 @@ def mnist_ddpm(
         train_unet_task(cfg, paths, tracker)
         sample_task(cfg, paths, tracker)
         result = evaluate_task(cfg, paths, tracker, lenet["evaluator_version"])
-        decision = register_task(cfg, paths, tracker, result, lenet["evaluator_version"], promotion)
+        if cfg.tracking.register_models:
+            decision = register_task(cfg, paths, tracker, result, lenet["evaluator_version"], promotion)
+        else:
+            decision = {"promoted": False, "reason": "tracking.register_models=false", "version": None}
     except BaseException:
         tracker.end(tracker.parent_id, "FAILED")
         raise
