@@ -44,16 +44,25 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class EMA:
-    """Exponential moving average of the weights; sampling from it is much better than from the raw weights."""
+    """Exponential moving average of the weights; sampling from it is much better than from the raw weights.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates. Without warm-up a 0.999 average still
+    holds 0.999^n of the random initial weights: 18% after 1,700 steps, which ruins short runs' samples.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, num_updates: int) -> float:
+        return min(self.decay, (1 + num_updates) / (10 + num_updates))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, num_updates: int) -> None:
+        """`num_updates`: optimizer steps before this one (the trainer's step counter, so resume keeps it)."""
+        decay = self.decay_at(num_updates)
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
@@ -158,7 +167,7 @@ class DiffusionTrainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.model, self.step)
             self.step += 1
             total += loss.item() * len(x)
             count += len(x)

@@ -55,6 +55,26 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
+def _deterministic_errors() -> tuple[type[BaseException], ...]:
+    from ddpm.classifier import AccuracyTooLowError
+    from ddpm.config import ConfigError
+    from ddpm.data import DataError
+    from ddpm.training import CheckpointError, NonFiniteLossError
+
+    return ConfigError, DataError, CheckpointError, NonFiniteLossError, AccuracyTooLowError
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry only what may pass on a second try (a lost worker, a busy server), not bad data or configs."""
+    try:
+        state.result()
+    except _deterministic_errors():
+        return False
+    except Exception:
+        return True
+    return True
+
+
 class Stage:
     """An MLflow child run around one stage; marks it FAILED (and re-raises) if the stage fails."""
 
@@ -69,7 +89,8 @@ class Stage:
         self.tracker.end(self.run_id, "FAILED" if exc_type else "FINISHED")
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="prepare-data", retries=2, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
     with Stage(tracker, "data") as run_id:
         cached_dir = cache / f"data-{data_key(cfg)}"
@@ -86,7 +107,8 @@ def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracke
         return {"cached": cached, "manifest": manifest}
 
 
-@task(name="train-lenet", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="train-lenet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
     from ddpm.classifier import load_lenet
 
@@ -115,7 +137,8 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
         return {**metrics, "cached": cached, "evaluator_version": version}
 
 
-@task(name="train-unet", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="train-unet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict[str, Any]]:
     """Ray Train; a retry (or a rerun with the same run name) resumes from the last checkpoint."""
     from flows.distributed import train_with_ray
@@ -135,7 +158,8 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict
         return history
 
 
-@task(name="sample", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="sample", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
     from flows.distributed import sample_with_ray
 
@@ -169,7 +193,8 @@ def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None]) ->
     ])
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_version: str) -> dict[str, Any]:
     with Stage(tracker, "evaluate") as run_id:
         result = stages.evaluate(cfg, paths, progress=False)
@@ -189,7 +214,8 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         return result
 
 
-@task(name="register-and-promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register-and-promote", retries=2, retry_delay_seconds=5, retry_condition_fn=transient,
+      cache_policy=NO_CACHE)
 def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[str, Any],
                   evaluator_version: str, promotion: str) -> dict[str, Any]:
     with Stage(tracker, "register") as run_id:

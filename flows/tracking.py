@@ -9,6 +9,7 @@ and the champion alias only moves between models scored by the same evaluator.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -24,6 +25,7 @@ UNET_MODEL = "mnist-ddpm-unet"
 LENET_MODEL = "mnist-lenet"
 CHAMPION = "champion"
 EVALUATOR_ALIAS = "evaluator"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars per artifact flood the flow log
 PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency inference takes >10 s
 
 
@@ -41,11 +43,16 @@ def ui_hint(uri: str) -> str:
 def _log_pyfunc(run_id: str, **kwargs: Any):
     """Log a pyfunc model into an existing run. Our PythonModel classes are importable (flows.tracking), so
     cloudpickle stores them by reference; MLflow's generic warnings about that and about type hints are muted."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints.*")
-        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
-        with mlflow.start_run(run_id=run_id):
-            return mlflow.pyfunc.log_model(pip_requirements=PIP_REQUIREMENTS, **kwargs)
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_logger.level
+    pyfunc_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            with mlflow.start_run(run_id=run_id):
+                return mlflow.pyfunc.log_model(pip_requirements=PIP_REQUIREMENTS, **kwargs)
+    finally:
+        pyfunc_logger.setLevel(level)
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:

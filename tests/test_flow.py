@@ -128,3 +128,26 @@ def test_loaded_registered_unet_generates_digits(runs):
     images = model.predict(pd.DataFrame({"seed": [1, 2, 3]}))
     assert images.shape == (3, 784) and images.dtype.name == "uint8"
     assert len({bytes(row) for row in images}) == 3
+
+
+def test_failed_stage_fails_the_run_without_pointless_retries(tmp_path, mirror):
+    """A deterministic failure (LeNet below the accuracy bar) is not retried, marks the MLflow runs FAILED and
+    caches nothing, while the weights it produced are kept in the run folder."""
+    from ddpm.classifier import AccuracyTooLowError
+    from ddpm.config import load_config
+    from flows.pipeline import lenet_key, mnist_ddpm
+
+    overrides = {"data.mirror": str(mirror), "classifier.min_accuracy": "0.9999"}
+    state = mnist_ddpm(profile="smoke", runs_dir=str(tmp_path), run_name="bad", overrides=overrides,
+                       return_state=True)
+    assert state.is_failed()
+    with pytest.raises(AccuracyTooLowError, match="classifier.min_accuracy"):
+        state.result()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mnist-ddpm").experiment_id])
+    lenet_runs = [r for r in runs if r.info.run_name == "train-lenet"]
+    assert len(lenet_runs) == 1 and lenet_runs[0].info.status == "FAILED"  # one attempt: not retried
+    assert [r.info.status for r in runs if r.info.run_name == "bad"] == ["FAILED"]
+    assert (tmp_path / "bad" / "classifier" / "lenet.pt").is_file()
+    cache = tmp_path / "cache" / f"lenet-{lenet_key(load_config('smoke', overrides=overrides))}"
+    assert not (cache / "lenet.pt").exists()

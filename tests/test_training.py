@@ -74,14 +74,34 @@ def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, prepare
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_ema_tracks_weights():
+def test_ema_tracks_weights_with_warmup():
     model = torch.nn.Linear(2, 2)
     ema = EMA(model, decay=0.5)
     before = ema.model.weight.clone()
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update(model)
+    ema.update(model, num_updates=1000)  # warm-up over: decay 0.5
     torch.testing.assert_close(ema.model.weight, before + 1.0)
+    # Early on the average follows the weights closely: (1 + 0) / (10 + 0) = 0.1 keeps 10% of the old value.
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.add_(10.0)
+    ema.update(model, num_updates=0)
+    torch.testing.assert_close(ema.model.weight, model.weight - 1.0)
+    assert ema.decay_at(10**6) == 0.999
+
+
+def test_ema_weights_forget_the_initialisation_in_short_runs(smoke_run):
+    """The EMA after a short run is close to the trained weights, not dragged towards the random init."""
+    cfg = smoke(**{"train.epochs": 2, "train.ema_decay": 0.999})
+    paths = RunPaths(smoke_run)
+    train_unet(cfg, paths, progress=False)
+    state = load_checkpoint(paths.checkpoints / "last.pt")
+    init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
+    for key, raw in state["model"].items():
+        if raw.dtype.is_floating_point and raw.numel() > 100:
+            moved = (raw - init[key]).norm()
+            assert (state["ema"][key] - raw).norm() < 0.5 * moved, key
 
 
 def test_checkpoint_errors(tmp_path):
