@@ -145,13 +145,13 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     generated = uint8_to_model_range(gen_uint8)
     noise = torch.rand(len(test_x), *test_x.shape[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
 
-    def outputs(images: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return extract_lenet_outputs(lenet, images, cfg.eval.batch_size, device, progress=progress)
 
-    test_f, test_pred = outputs(test_x, "LeNet features: test")
-    gen_f, gen_pred = outputs(generated, "LeNet features: generated")
-    train_f, _ = outputs(train_x, "LeNet features: train")
-    noise_f, _ = outputs(noise, "LeNet features: noise")
+    test_f, test_pred = outputs(test_x)
+    gen_f, gen_pred = outputs(generated)
+    train_f, _ = outputs(train_x)
+    noise_f, _ = outputs(noise)
     means = class_means(paths.data, "test")
     gen_hist, test_hist = label_histogram(gen_pred), label_histogram(test_pred)
     result = {
