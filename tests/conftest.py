@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests start the services they need themselves: a shell that sourced .cluster/env must not point them at a
+# running cluster (tests/test_e2e_cluster.py brings up its own).
+for _var in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MNIST_DDPM_RUNS_DIR", "MNIST_MIRROR"):
+    os.environ.pop(_var, None)
+# As flows/__init__.py does for the product: the local Ray binds to loopback only. Ray reads it at import time,
+# so it is set here, before any test module imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data" / "mnist"

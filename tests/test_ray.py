@@ -90,3 +90,13 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     assert np.array_equal(labels1, labels2)
     assert len(np.unique(images1.reshape(40, -1), axis=0)) == 40  # different seeds, different images
     assert len(list((paths.samples.parent / "shards").glob("*.parquet"))) == 5  # 40 images / 8 per batch
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    import os
+
+    from netcheck import descendants, is_loopback, listeners_of
+
+    sockets = listeners_of(descendants(os.getpid()) - {os.getpid()})
+    assert sockets, "found no listening sockets of the local Ray"
+    assert [s for s in sockets if not is_loopback(s[1])] == []
