@@ -29,10 +29,23 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check ddpm flows tests scripts bench
+	$(BIN)/ruff check ddpm flows tests bench infra
 
 bench: setup
 	$(BIN)/python bench/bench.py
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The local cluster (Ray head, Prefect server, MLflow server, the deployments' serve process), all on 127.0.0.1,
+# state in .cluster/. See infra/README.md.
+.PHONY: cluster-up cluster-down cluster-status
+
+cluster-up: setup
+	infra/cluster.sh up
+
+cluster-down: setup
+	infra/cluster.sh down
+
+cluster-status: setup
+	infra/cluster.sh status
