@@ -13,6 +13,8 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,20 @@ def ui_hint(uri: str) -> str:
     return uri
 
 
-def _log_pyfunc(run_id: str, **kwargs: Any):
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (needed by `log_model`) reads a global URI, and `set_tracking_uri` also writes
+    $MLFLOW_TRACKING_URI, which would then look like the user's choice to the next run in this process. So set it
+    only around the calls that need it, and put both back afterwards."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None resets it and removes the variable
+
+
+def _log_pyfunc(run_id: str, uri: str, **kwargs: Any):
     """Log a pyfunc model into an existing run. Our PythonModel classes are importable (flows.tracking), so
     cloudpickle stores them by reference; MLflow's generic warnings about that and about type hints are muted."""
     pyfunc_logger = logging.getLogger("mlflow.pyfunc")
@@ -49,7 +64,7 @@ def _log_pyfunc(run_id: str, **kwargs: Any):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*type hints.*")
-            with mlflow.start_run(run_id=run_id):
+            with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
                 return mlflow.pyfunc.log_model(pip_requirements=PIP_REQUIREMENTS, **kwargs)
     finally:
         pyfunc_logger.setLevel(level)
@@ -115,8 +130,7 @@ class Tracker:
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, runs_dir: Path, tags: dict[str, str]) -> Tracker:
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             # A local store needs an absolute artifact root; a server chooses its own (proxied) one.
@@ -172,7 +186,7 @@ class Tracker:
         if existing:
             version = existing[0].version
         else:
-            info = _log_pyfunc(run_id, name="lenet", python_model=LeNetClassifier(),
+            info = _log_pyfunc(run_id, self.uri, name="lenet", python_model=LeNetClassifier(),
                                artifacts={"lenet": str(lenet_path)}, registered_model_name=LENET_MODEL)
             version = str(info.registered_model_version)
             self.client.set_model_version_tag(LENET_MODEL, version, "evaluator_id", evaluator_id)
@@ -181,8 +195,8 @@ class Tracker:
         return version
 
     def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any]) -> str:
-        info = _log_pyfunc(run_id, name="unet", python_model=UNetSampler(), artifacts={"model": str(model_path)},
-                           registered_model_name=UNET_MODEL)
+        info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(),
+                           artifacts={"model": str(model_path)}, registered_model_name=UNET_MODEL)
         version = str(info.registered_model_version)
         for key, value in tags.items():
             self.client.set_model_version_tag(UNET_MODEL, version, key, str(value))

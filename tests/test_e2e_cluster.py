@@ -95,3 +95,12 @@ def test_deployment_run_tracks_everything_in_mlflow(cluster, mirror):
     assert float(version_tags["fld"]) == pytest.approx(metrics["fld_generated"])
     evaluator = rest(mlflow, "registered-models/alias", name="mnist-lenet", alias="evaluator")["model_version"]
     assert version_tags["evaluator_version"] == evaluator["version"]
+
+
+def test_retrain_deployment_is_scheduled_weekly(cluster):
+    env, _ = cluster
+    command = f". '{env['CLUSTER_DIR']}/env' && prefect deployment inspect mnist-ddpm/retrain"
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 3 * * 1" in result.stdout  # the cron kept in code (flows/serve.py)
+    assert "'promotion': 'if_better'" in result.stdout

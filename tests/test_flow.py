@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -48,6 +49,8 @@ def test_first_run_tracks_everything(runs):
     root, first, _, _ = runs
     client = MlflowClient(first["tracking_uri"])
     assert first["tracking_uri"] == f"sqlite:///{root}/mlflow.db"
+    # The flow leaves no tracking URI behind that a later run in this process would take for the user's choice.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.epochs"] == "2" and parent.data.params["profile"] == "smoke"
@@ -122,9 +125,11 @@ def test_loaded_registered_unet_generates_digits(runs):
     import mlflow.pyfunc
     import pandas as pd
 
+    from flows.tracking import using_tracking_uri
+
     _, first, _, _ = runs
-    mlflow.set_tracking_uri(first["tracking_uri"])
-    model = mlflow.pyfunc.load_model("models:/mnist-ddpm-unet@champion")
+    with using_tracking_uri(first["tracking_uri"]):
+        model = mlflow.pyfunc.load_model("models:/mnist-ddpm-unet@champion")
     images = model.predict(pd.DataFrame({"seed": [1, 2, 3]}))
     assert images.shape == (3, 784) and images.dtype.name == "uint8"
     assert len({bytes(row) for row in images}) == 3
