@@ -96,7 +96,7 @@ def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracke
         cached_dir = cache / f"data-{data_key(cfg)}"
         cached = prepared_ok(cached_dir)
         if not cached:
-            prepare_dataset(cached_dir, cfg.data, progress=False)  # atomic: all or nothing
+            prepare_dataset(cached_dir, cfg.data, progress=True)  # atomic: all or nothing
         manifest = json.loads((cached_dir / "manifest.json").read_text())
         _link(paths.data, cached_dir)
         tracker.tag(run_id, {"cached": cached, "data_key": data_key(cfg)})
@@ -119,7 +119,7 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
             paths.lenet.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached_path, paths.lenet)
         else:
-            stages.train_classifier(cfg, paths, progress=False)  # raises (caching nothing) if accuracy is too low
+            stages.train_classifier(cfg, paths, progress=True)  # raises (caching nothing) if accuracy is too low
             cached_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(paths.lenet, cached_path.with_suffix(".tmp"))
             cached_path.with_suffix(".tmp").replace(cached_path)
@@ -146,7 +146,7 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
                                 "num_workers": cfg.train.num_workers})
-        history = train_with_ray(cfg, paths, progress=False)
+        history = train_with_ray(cfg, paths, progress=True)
         for h in history:
             tracker.metrics(run_id, {"train_loss": h["train_loss"], "val_loss": h["val_loss"],
                                      "images_per_s": h["images_per_s"], "epoch_seconds": h["seconds"]},
@@ -165,7 +165,7 @@ def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
 
     with Stage(tracker, "sample") as run_id:
         start = time.perf_counter()
-        sample_with_ray(cfg, paths, progress=False)
+        sample_with_ray(cfg, paths, progress=True)
         seconds = time.perf_counter() - start
         tracker.metrics(run_id, {"num_samples": cfg.sample.num_samples, "sampling_seconds": seconds,
                                  "images_per_s": cfg.sample.num_samples / seconds})
@@ -197,7 +197,7 @@ def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None]) ->
       cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_version: str) -> dict[str, Any]:
     with Stage(tracker, "evaluate") as run_id:
-        result = stages.evaluate(cfg, paths, progress=False)
+        result = stages.evaluate(cfg, paths, progress=True)
         flat = {f"fld_{k.replace('_vs_test', '')}": v for k, v in result["fld"].items()}
         flat.update({"class_mean_distance": result["class_mean_distance"]["generated"],
                      "label_imbalance_tv": result["label_imbalance_tv"],
