@@ -95,6 +95,29 @@ def _mean_over_workers(values: list[float], world: int, device: torch.device) ->
     return (tensor / world).tolist()
 
 
+def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[str, float]:
+    m = metrics if isinstance(metrics, dict) else metrics.__dict__
+    return {"train_loss": m["train_loss"], "val_loss": m["val_loss"], "images_per_s": m["images_per_s"],
+            "epoch_seconds": m["seconds"]}
+
+
+def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None:
+    """Live curves: rank 0 logs each epoch to the stage's MLflow run as it ends. A tracking hiccup must not
+    kill training: the driver logs whatever is missing once training is done."""
+    if not tracking:
+        return
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        MlflowClient(tracking["uri"]).log_batch(tracking["run_id"], metrics=[
+            Metric(key, float(value), now, metrics.epoch)
+            for key, value in epoch_metrics_for_tracking(metrics).items()])
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        print(f"warning: could not log epoch {metrics.epoch} to MLflow: {exc}", flush=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. DDP over NCCL on GPUs, gloo on CPUs (set up by TorchTrainer)."""
     import ray.train
@@ -158,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
                 _log_event(events, event="epoch_end", epoch=trainer.epoch, train_loss=train_loss,
                            val_loss=val_loss)
+                _track_epoch(loop_config.get("mlflow"), metrics)
             ray.train.report(metrics.__dict__, checkpoint=checkpoint,
                              checkpoint_dir_name=f"epoch_{trainer.epoch:03d}")
 
@@ -166,10 +190,12 @@ def ray_run_name(paths: RunPaths) -> str:
     return f"unet-{paths.root.resolve().name}"
 
 
-def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> list[dict[str, Any]]:
+def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
+                   tracking: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Train with `train.num_workers` Ray Train workers; a rerun on the same run folder resumes.
 
     Afterwards the run folder looks exactly as after single-process training (checkpoints, history, model).
+    `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -181,7 +207,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> li
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(paths.data.resolve()),
-                           "events": str(_events_path(storage, name))},
+                           "events": str(_events_path(storage, name)), "mlflow": tracking},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=name,

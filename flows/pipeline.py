@@ -141,16 +141,17 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
       cache_policy=NO_CACHE)
 def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict[str, Any]]:
     """Ray Train; a retry (or a rerun with the same run name) resumes from the last checkpoint."""
-    from flows.distributed import train_with_ray
+    from flows.distributed import epoch_metrics_for_tracking, train_with_ray
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
                                 "num_workers": cfg.train.num_workers})
-        history = train_with_ray(cfg, paths, progress=True)
+        history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id})
+        # Rank 0 logged epochs live; add what it did not (epochs of an earlier attempt, or a tracking hiccup).
+        logged = {m.step for m in tracker.client.get_metric_history(run_id, "train_loss")}
         for h in history:
-            tracker.metrics(run_id, {"train_loss": h["train_loss"], "val_loss": h["val_loss"],
-                                     "images_per_s": h["images_per_s"], "epoch_seconds": h["seconds"]},
-                            step=h["epoch"])
+            if h["epoch"] not in logged:
+                tracker.metrics(run_id, epoch_metrics_for_tracking(h), step=h["epoch"])
         tracker.artifact(run_id, paths.loss_png)
         tracker.artifact(run_id, paths.history)
         tracker.artifact(run_id, paths.model, "checkpoints")

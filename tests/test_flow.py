@@ -61,8 +61,16 @@ def test_first_run_tracks_everything(runs):
     assert set(stages) == STAGES and all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["data"].data.params["md5.train-images-idx3-ubyte.gz"] == "6bbc9ace898e44ae57da46a324031adb"
     assert stages["train-lenet"].data.params["lenet_parameters"] == "44426"
-    losses = client.get_metric_history(stages["train-unet"].info.run_id, "train_loss")
-    assert [m.step for m in losses] == [1, 2]
+    train_run = stages["train-unet"].info.run_id
+    losses = client.get_metric_history(train_run, "train_loss")
+    assert [m.step for m in losses] == [1, 2]  # once each: logged live by rank 0, not again afterwards
+    history = json.loads((root / "first" / "unet" / "history.json").read_text())
+    assert [m.value for m in losses] == pytest.approx([h["train_loss"] for h in history[:2]])
+    assert [m.step for m in client.get_metric_history(train_run, "images_per_s")] == [1, 2]
+    from flows.distributed import read_events
+
+    ends = [e["time"] for e in read_events(root / "first" / "unet" / "ray", "unet-first") if e["event"] == "epoch_end"]
+    assert losses[0].timestamp / 1000 <= ends[1]  # epoch 1 reached MLflow before epoch 2 ended: live, not backfilled
     assert {"loss_curves.png", "history.json", "checkpoints/model.pt", "checkpoints/last.pt"} <= \
         artifact_paths(client, stages["train-unet"].info.run_id)
     assert {"samples.png", "reverse_process.gif", "samples/samples.parquet"} <= \
@@ -114,6 +122,10 @@ def test_rerun_with_same_name_resumes_unet(runs):
 
     history = json.loads((root / "first" / "unet" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    # The resumed run's train-unet stage has the whole curve: epochs 1-2 from the checkpoint, 3 logged live.
+    client = MlflowClient(resumed["tracking_uri"])
+    stage = children(client, resumed["mlflow_run_id"])["train-unet"]
+    assert sorted(m.step for m in client.get_metric_history(stage.info.run_id, "train_loss")) == [1, 2, 3]
     events = read_events(root / "first" / "unet" / "ray", "unet-first")
     starts = [e["resumed_after_epoch"] for e in events if e["event"] == "start"]
     assert starts == [0, 2]
