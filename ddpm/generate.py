@@ -68,9 +68,8 @@ def sample_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: SampleCon
     """
     if start % cfg.batch_size:
         raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={cfg.batch_size}")
-    num_classes = getattr(model, "num_classes", 0)
-    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size) if hasattr(model, "cfg") \
-        else (1, 28, 28)
+    num_classes = model.num_classes
+    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
     images, labels = [], []
     bar = tqdm(total=count, desc="sampling", unit="img", disable=not progress)
     for first in range(start, start + count, cfg.batch_size):

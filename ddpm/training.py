@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -224,6 +225,13 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Same bytes under another name (e.g. last.pt), also written atomically."""
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -298,8 +306,9 @@ def fit(cfg: Config, data_dir: Path, out_dir: Path, *, progress: bool = True) ->
         val_loss = trainer.validate(val_loader)
         metrics = EpochMetrics(trainer.epoch, train_loss, val_loss, images_per_s,
                                time.perf_counter() - start, trainer.step)
-        save_checkpoint(trainer.state_dict(), out_dir / "checkpoints" / f"epoch_{trainer.epoch:03d}.pt")
-        save_checkpoint(trainer.state_dict(), last)
+        epoch_file = out_dir / "checkpoints" / f"epoch_{trainer.epoch:03d}.pt"
+        save_checkpoint(trainer.state_dict(), epoch_file)
+        copy_checkpoint(epoch_file, last)
         history = append_history(history_path, metrics)
         if progress:
             tqdm.write(f"epoch {metrics.epoch}: train {train_loss:.4f}  val {val_loss:.4f}  "

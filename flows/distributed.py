@@ -27,6 +27,7 @@ from ddpm.stages import RunPaths, animate
 from ddpm.training import (
     DiffusionTrainer,
     EpochMetrics,
+    copy_checkpoint,
     export_model,
     load_training_data,
     make_loader,
@@ -230,8 +231,9 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
 def _export_ray_result(cfg: Config, paths: RunPaths, state: dict[str, Any]) -> list[dict[str, Any]]:
     """Put the final Ray checkpoint where the single-process stages keep theirs."""
     history = json.loads(state.pop("history"))
-    save_checkpoint(state, paths.checkpoints / f"epoch_{state['epoch']:03d}.pt")
-    shutil.copyfile(paths.checkpoints / f"epoch_{state['epoch']:03d}.pt", paths.checkpoints / "last.pt")
+    epoch_file = paths.checkpoints / f"epoch_{state['epoch']:03d}.pt"
+    save_checkpoint(state, epoch_file)
+    copy_checkpoint(epoch_file, paths.checkpoints / "last.pt")
     trainer = DiffusionTrainer(cfg, torch.device("cpu"))
     trainer.load_state_dict(state)
     export_model(trainer, paths.model)
