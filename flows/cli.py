@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--workers", type=int, help="Ray sampling actors (sample.num_actors)")
     _common(sub.add_parser("evaluate", help="FLD, class-mean distance, label histogram -> evaluation.json"))
-    p = sub.add_parser("pipeline", help="all stages in order into a new (or given) run folder")
+    p = sub.add_parser("pipeline", help="the whole pipeline: the Prefect flow, embedded (what `make run` runs)")
     _common(p)
     p.add_argument("--mirror", help="folder with the four gzipped IDX files")
     _common(sub.add_parser("model-summary", help="per-layer parameter table of the U-Net and LeNet-5"),
