@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "ray" in sys.modules:  # a stage used Ray: stop the local one cleanly, leaving no stray workers
+            from flows.distributed import shutdown_ray
+
+            shutdown_ray()
     return 0
 
 

@@ -18,8 +18,7 @@ STAGES = {"data", "train-lenet", "train-unet", "sample", "evaluate", "register"}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mirror):
-    import ray
-
+    from flows.distributed import shutdown_ray
     from flows.pipeline import mnist_ddpm
 
     root = tmp_path_factory.mktemp("runs")
@@ -29,7 +28,7 @@ def runs(tmp_path_factory, mirror):
     second = mnist_ddpm(run_name="second", overrides=overrides, **common)
     resumed = mnist_ddpm(run_name="first", overrides={**overrides, "train.epochs": "3"}, **common)
     yield root, first, second, resumed
-    ray.shutdown()
+    shutdown_ray()
 
 
 def children(client: MlflowClient, parent_id: str) -> dict[str, object]:

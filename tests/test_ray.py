@@ -18,11 +18,11 @@ from ddpm.training import load_checkpoint
 def ray_local():
     import ray
 
-    from flows.distributed import init_ray
+    from flows.distributed import init_ray, shutdown_ray
 
     init_ray(num_cpus=4)  # logical CPUs: two train workers plus the controller fit on a 2-core machine
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 def smoke(**overrides):
