@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8_array(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -45,13 +45,18 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = 
 
 def save_reverse_process_gif(xt_frames: list[torch.Tensor], x0_frames: list[torch.Tensor],
                              timesteps: list[int], path: Path, scale: int = 3, ms_per_frame: int = 80) -> Path:
-    """Left: the noisy x_t; right: the model's estimate of x0 at that step (as in the original blog)."""
+    """Left: the noisy x_t; right: the model's estimate of x0 at that step (as in the original blog); each frame
+    is captioned with its timestep."""
     frames = []
-    for xt, x0 in zip(xt_frames, x0_frames, strict=True):
+    for xt, x0, t in zip(xt_frames, x0_frames, timesteps, strict=True):
         left, right = grid(xt), grid(x0)
         gap = np.full((left.shape[0], 6), 255, dtype=np.uint8)
         picture = Image.fromarray(np.concatenate([left, gap, right], axis=1))
-        frames.append(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST))
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        captioned = Image.new("L", (picture.width, picture.height + 14), 255)
+        captioned.paste(picture, (0, 14))
+        ImageDraw.Draw(captioned).text((4, 1), f"t = {t}    x_t  |  estimate of x0", fill=0)
+        frames.append(captioned)
     frames += [frames[-1]] * 10  # linger on the result
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
