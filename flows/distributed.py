@@ -143,6 +143,32 @@ def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None
         print(f"warning: could not log epoch {metrics.epoch} to MLflow: {exc}", flush=True)
 
 
+def _resume_state(checkpoint, run_folder: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads: Ray's, or a newer one already persisted in the run's folder.
+
+    A checkpoint reported just before a worker dies can be on disk yet unknown to the controller, which drains
+    reports on a timer; restarting from Ray's older one would redo a finished epoch.
+    """
+    candidates = sorted(run_folder.glob(f"epoch_*/{CHECKPOINT_FILE}"), reverse=True)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            candidates.insert(0, Path(folder) / CHECKPOINT_FILE)
+            return _newest_loadable(candidates)
+    return _newest_loadable(candidates)
+
+
+def _newest_loadable(paths: list[Path]) -> dict[str, Any] | None:
+    best = None
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - an interrupted copy: fall back to an older one
+            continue
+        if best is None or state["epoch"] > best["epoch"]:
+            best = state
+    return best
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. DDP over NCCL on GPUs, gloo on CPUs (set up by TorchTrainer)."""
     import ray.train
@@ -161,13 +187,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     trainer = DiffusionTrainer(cfg, device, wrap=wrap, rank=rank)
     history: list[dict[str, Any]] = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    events = Path(loop_config["events"])
+    state = _resume_state(ray.train.get_checkpoint(), events.parent)
+    if state is not None:
         trainer.load_state_dict(state)
         history = json.loads(state["history"])
-    events = Path(loop_config["events"])
     if rank == 0:
         _log_event(events, event="start", resumed_after_epoch=trainer.epoch, world_size=world)
 

@@ -100,3 +100,20 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     sockets = listeners_of(descendants(os.getpid()) - {os.getpid()})
     assert sockets, "found no listening sockets of the local Ray"
     assert [s for s in sockets if not is_loopback(s[1])] == []
+
+
+def test_resume_prefers_the_newest_persisted_checkpoint(tmp_path):
+    """A checkpoint on disk that the controller had not registered yet (the worker died right after reporting)
+    is still used; a truncated one is skipped for the one before it."""
+    import torch
+
+    from flows.distributed import CHECKPOINT_FILE, _resume_state
+
+    for epoch in (1, 2, 3):
+        (tmp_path / f"epoch_{epoch:03d}").mkdir()
+        torch.save({"epoch": epoch, "history": "[]"}, tmp_path / f"epoch_{epoch:03d}" / CHECKPOINT_FILE)
+    assert _resume_state(None, tmp_path)["epoch"] == 3
+    newest = tmp_path / "epoch_003" / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:30])
+    assert _resume_state(None, tmp_path)["epoch"] == 2
+    assert _resume_state(None, tmp_path / "empty") is None
