@@ -245,11 +245,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def export_model(trainer: DiffusionTrainer, path: Path) -> None:
-    """The sampling weights and the config that builds them: all `ddpm sample` needs."""
+def export_model(state: dict[str, Any], path: Path) -> None:
+    """From a training checkpoint (`DiffusionTrainer.state_dict()`), keep what `ddpm sample` needs: the sampling
+    weights (EMA where kept) and the config that builds them."""
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
     save_checkpoint(
-        {"kind": "mnist-ddpm-unet", "config": trainer.cfg.to_dict(),
-         "model": trainer.sampling_model().state_dict(), "epoch": trainer.epoch, "step": trainer.step},
+        {"kind": "mnist-ddpm-unet", "config": state["config"], "model": weights, "epoch": state["epoch"],
+         "step": state["step"]},
         path,
     )
 
@@ -313,6 +315,6 @@ def fit(cfg: Config, data_dir: Path, out_dir: Path, *, progress: bool = True) ->
         if progress:
             tqdm.write(f"epoch {metrics.epoch}: train {train_loss:.4f}  val {val_loss:.4f}  "
                        f"{images_per_s:.0f} img/s")
-    export_model(trainer, out_dir / "model.pt")
+    export_model(trainer.state_dict(), out_dir / "model.pt")
     return history
 

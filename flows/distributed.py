@@ -273,18 +273,16 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: see {storage / name}")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return _export_ray_result(cfg, paths, state)
+    return _export_ray_result(paths, state)
 
 
-def _export_ray_result(cfg: Config, paths: RunPaths, state: dict[str, Any]) -> list[dict[str, Any]]:
+def _export_ray_result(paths: RunPaths, state: dict[str, Any]) -> list[dict[str, Any]]:
     """Put the final Ray checkpoint where the single-process stages keep theirs."""
     history = json.loads(state.pop("history"))
     epoch_file = paths.checkpoints / f"epoch_{state['epoch']:03d}.pt"
     save_checkpoint(state, epoch_file)
     copy_checkpoint(epoch_file, paths.checkpoints / "last.pt")
-    trainer = DiffusionTrainer(cfg, torch.device("cpu"))
-    trainer.load_state_dict(state)
-    export_model(trainer, paths.model)
+    export_model(state, paths.model)
     paths.history.write_text(json.dumps(history, indent=2))
     plot_loss_curves(history, paths.loss_png)
     return history
