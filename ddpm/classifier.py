@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddpm.checkpoints import LENET, CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.config import ClassifierConfig
 from ddpm.data import load_split
+from ddpm.errors import UserError
 from ddpm.models import LeNet5
-from ddpm.training import CheckpointError, make_loader, save_checkpoint
+from ddpm.training import make_loader
 
 
-class AccuracyTooLowError(RuntimeError):
+class AccuracyTooLowError(UserError):
     """The evaluator did not reach the accuracy that makes its features trustworthy."""
 
 
@@ -46,7 +48,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def train_lenet(cfg: ClassifierConfig, data_dir: Path, out_path: Path, device: torch.device,
                 *, progress: bool = True) -> dict[str, Any]:
-    """Train with Adam on the training split, pick nothing on test, save weights + metrics to `out_path`."""
+    """Train with Adam on the training split, pick nothing on test, save weights + metrics to `out_path`.
+
+    An evaluator below `cfg.min_accuracy` is refused and not saved: its features would not be trustworthy."""
     torch.manual_seed(cfg.seed)
     train_x, train_y = load_split(data_dir, "train", "classifier", limit=cfg.max_train_images, seed=cfg.seed)
     val_x, val_y = load_split(data_dir, "val", "classifier")
@@ -74,24 +78,22 @@ def train_lenet(cfg: ClassifierConfig, data_dir: Path, out_path: Path, device: t
     }
     model = model.cpu()
     metrics["evaluator_id"] = weights_fingerprint(model)
-    save_checkpoint({"kind": "mnist-ddpm-lenet", "model": model.state_dict(), "metrics": metrics}, out_path)
     if metrics["test_accuracy"] < cfg.min_accuracy:
         raise AccuracyTooLowError(
             f"LeNet reached {metrics['test_accuracy']:.4f} test accuracy, below classifier.min_accuracy="
             f"{cfg.min_accuracy}: train longer (classifier.epochs) or on more images "
-            f"(classifier.max_train_images=0); weights kept at {out_path}"
+            "(classifier.max_train_images=0)"
         )
+    save_checkpoint({"kind": LENET, "model": model.state_dict(), "metrics": metrics}, out_path)
     return metrics
 
 
 def load_lenet(path: Path, device: torch.device | str = "cpu") -> tuple[LeNet5, dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LeNet weights {path} do not exist: run `ddpm train-classifier --out RUN_DIR`")
+    state = load_checkpoint(path, (LENET,), "train the evaluator first with `ddpm train-classifier --out RUN_DIR`")
+    model = LeNet5()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = LeNet5()
         model.load_state_dict(state["model"])
-    except Exception as exc:
-        raise CheckpointError(f"LeNet weights {path} cannot be read ({exc}); delete them and retrain") from exc
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} holds no LeNet-5 weights ({str(exc)[:120]}): delete it and rerun "
+                              "`ddpm train-classifier`") from None
     return model.to(device).eval(), state["metrics"]

@@ -16,8 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddpm.errors import UserError
 
-class ConfigError(ValueError):
+# The choices each string key allows; the modules that act on them import these.
+BLOCKS = ("resblock", "convembed")
+INITS = ("default", "flux")
+SCHEDULES = ("cosine", "linear")
+LOSSES = ("mse", "l1")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(UserError, ValueError):
     """A config value, file or override that cannot be used; the message says which and how to fix it."""
 
 
@@ -71,7 +81,6 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers; 1 trains in-process
     use_gpu: str = "auto"  # Ray workers on GPUs: "auto" | "true" | "false"
     max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
-    fail_at_epoch: int = 0  # test-only fault switch: rank 0 dies once during this epoch (0 = off)
 
 
 @dataclass
@@ -87,8 +96,8 @@ class ClassifierConfig:
 @dataclass
 class SampleConfig:
     num_samples: int = 10_000
-    sampler: str = "ddpm"  # "ddpm" | "ddim"
-    ddim_steps: int = 50
+    sampler: str = "ddpm"  # "ddpm" (all T steps) | "ddim" | "dpm++2m" (DPM-Solver++(2M)), these two in ddim_steps
+    ddim_steps: int = 50  # steps of the few-step samplers, ddim and dpm++2m
     eta: float = 0.0
     guidance_scale: float = 1.0  # w in eps_u + w (eps_c - eps_u); used by conditional models
     batch_size: int = 500  # fixed batches make images independent of how many actors share them
@@ -327,44 +336,86 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
-    _check(u.block in ("resblock", "convembed"), f"unet.block={u.block!r}: use 'resblock' or 'convembed'")
-    _check(u.init in ("default", "flux"), f"unet.init={u.init!r}: use 'default' or 'flux'")
-    _check(u.base_channels > 0 and len(u.channel_multipliers) >= 1, "unet needs base_channels > 0 and >= 1 level")
-    _check(all(m > 0 for m in u.channel_multipliers), "unet.channel_multipliers must be positive")
-    _check(u.blocks_per_level >= 1, "unet.blocks_per_level must be >= 1")
-    _check(u.num_classes >= 0, "unet.num_classes must be >= 0 (0 = unconditional)")
-    _check(d.schedule in ("cosine", "linear"), f"diffusion.schedule={d.schedule!r}: use 'cosine' or 'linear'")
-    _check(d.loss in ("mse", "l1"), f"diffusion.loss={d.loss!r}: use 'mse' or 'l1'")
-    _check(d.timesteps >= 2, "diffusion.timesteps must be >= 2")
-    _check(0 < d.beta_start < d.beta_end < 1, "diffusion needs 0 < beta_start < beta_end < 1")
-    _check(t.epochs >= 1 and t.batch_size >= 1 and t.lr > 0, "train needs epochs >= 1, batch_size >= 1, lr > 0")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
-    _check(0 <= t.p_uncond < 1, "train.p_uncond must be in [0, 1)")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
-    _check(t.use_gpu in ("auto", "true", "false"), f"train.use_gpu={t.use_gpu!r}: use auto, true or false")
-    _check(t.num_workers >= 1, "train.num_workers must be >= 1")
-    _check(
-        t.batch_size >= t.num_workers,
-        f"train.batch_size={t.batch_size} is smaller than train.num_workers={t.num_workers}: "
-        "each worker needs at least one image per step",
-    )
-    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)")
-    _check(s.sampler in ("ddpm", "ddim"), f"sample.sampler={s.sampler!r}: use 'ddpm' or 'ddim'")
-    _check(s.num_samples >= 1 and s.batch_size >= 1, "sample needs num_samples >= 1 and batch_size >= 1")
-    _check(
-        1 <= s.ddim_steps <= d.timesteps,
-        f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]",
-    )
-    _check(s.eta >= 0, "sample.eta must be >= 0")
-    _check(s.num_actors >= 1, "sample.num_actors must be >= 1")
-    _check(0 < cfg.classifier.min_accuracy <= 1, "classifier.min_accuracy must be in (0, 1]")
-    # The model owns its architecture rules (divisibility by groups/heads, image size per level); asking it here
-    # makes an impossible network fail before any stage starts, with the same message.
-    from ddpm.models.unet import check_config
+def check_unet(u: UNetConfig) -> None:
+    """Architecture rules, the only copy: the U-Net's constructor calls this too."""
+    _check(u.block in BLOCKS, f"unet.block={u.block!r}: use one of {', '.join(map(repr, BLOCKS))}")
+    _check(u.init in INITS, f"unet.init={u.init!r}: use one of {', '.join(map(repr, INITS))}")
+    for key in ("in_channels", "base_channels", "blocks_per_level", "groups", "heads"):
+        _check(getattr(u, key) >= 1, f"unet.{key}={getattr(u, key)} must be >= 1")
+    _check(u.num_classes >= 0, f"unet.num_classes={u.num_classes} must be >= 0 (0 = unconditional)")
+    _check(len(u.channel_multipliers) >= 1, "unet.channel_multipliers needs at least one level, e.g. (1, 2)")
+    _check(all(m >= 1 for m in u.channel_multipliers),
+           f"unet.channel_multipliers={tuple(u.channel_multipliers)} must all be >= 1")
+    d, g = u.base_channels, u.groups
+    # Every width is d * multiplier, so this one check covers the GroupNorm of every level.
+    _check(d % g == 0, f"unet.base_channels={d} is not divisible by unet.groups={g}: "
+                       f"choose a multiple of {g} or change unet.groups")
+    middle = d * u.channel_multipliers[-1]
+    _check(not u.middle_attention or middle % u.heads == 0,
+           f"unet.heads={u.heads} does not divide the middle channels unet.base_channels * "
+           f"unet.channel_multipliers[-1] = {middle}: choose unet.heads dividing {middle} "
+           "or set unet.middle_attention=false")
+    factor = 2 ** (len(u.channel_multipliers) - 1)
+    _check(u.image_size >= factor and u.image_size % factor == 0,
+           f"unet.image_size={u.image_size} is not divisible by 2^(levels-1) = {factor} with "
+           f"{len(u.channel_multipliers)} unet.channel_multipliers: use fewer levels or a multiple of {factor}")
 
-    try:
-        check_config(u, d.timesteps)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+
+def _at_least(section: Any, name: str, key: str, bound: int | float) -> None:
+    value = getattr(section, key)
+    _check(value >= bound, f"{name}.{key}={value} must be >= {bound}")
+
+
+def validate(cfg: Config) -> None:
+    """Every rule a config must meet, each checked once and reported with its key and the fix."""
+    u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
+    check_unet(u)
+    _check(d.schedule in SCHEDULES, f"diffusion.schedule={d.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    _check(d.loss in LOSSES, f"diffusion.loss={d.loss!r}: use one of {', '.join(LOSSES)}")
+    _at_least(d, "diffusion", "timesteps", 2)
+    _check(0 < d.beta_start < d.beta_end < 1,
+           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} need 0 < beta_start < beta_end < 1")
+    for key in ("epochs", "batch_size", "num_workers"):
+        _at_least(t, "train", key, 1)
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
+    _check(0 <= t.p_uncond < 1, f"train.p_uncond={t.p_uncond} must be in [0, 1)")
+    _check(t.device in DEVICES, f"train.device={t.device!r}: use one of {', '.join(DEVICES)}")
+    _check(t.use_gpu in ("auto", "true", "false"), f"train.use_gpu={t.use_gpu!r}: use auto, true or false")
+    _check(t.batch_size % t.num_workers == 0,
+           f"train.batch_size={t.batch_size} is the global batch and must be a multiple of "
+           f"train.num_workers={t.num_workers}, so that every worker takes the same share")
+    _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _check(s.sampler in SAMPLERS, f"sample.sampler={s.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    for key in ("num_samples", "batch_size", "num_actors"):
+        _at_least(s, "sample", key, 1)
+    _check(1 <= s.ddim_steps <= d.timesteps,
+           f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]")
+    _check(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
+    _check(0 < cfg.classifier.min_accuracy <= 1,
+           f"classifier.min_accuracy={cfg.classifier.min_accuracy} must be in (0, 1]")
+
+
+# What a trained U-Net fixes: its architecture and the diffusion it learned to reverse.
+TRAINED_SECTIONS = ("unet", "diffusion")
+
+
+def with_trained(cfg: Config, trained: Config, explicit: set[str] | None, source: str) -> Config:
+    """`cfg` with the trained sections taken from `trained` (a checkpoint's config, read from `source`).
+
+    A key in `explicit` (given with --set or a config file; None: every key) that contradicts the checkpoint
+    is refused rather than silently replaced or, worse, used with weights trained for something else.
+    """
+    merged = copy.deepcopy(cfg)
+    for section in TRAINED_SECTIONS:
+        wanted, fixed = getattr(cfg, section), getattr(trained, section)
+        for f in dataclasses.fields(fixed):
+            key = f"{section}.{f.name}"
+            if (explicit is None or key in explicit) and getattr(wanted, f.name) != getattr(fixed, f.name):
+                raise ConfigError(
+                    f"{key}={getattr(wanted, f.name)!r} contradicts the trained model in {source} "
+                    f"({key}={getattr(fixed, f.name)!r}): drop the override, or train a new run folder"
+                )
+        setattr(merged, section, copy.deepcopy(fixed))
+    validate(merged)
+    return merged

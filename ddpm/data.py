@@ -25,6 +25,8 @@ import torch
 from tqdm import tqdm
 
 from ddpm.config import DataConfig
+from ddpm.errors import UserError
+from ddpm.pixels import NORMALISATION, model_to_unit, uint8_to_model
 
 # Stem of each file (found as `<stem>.gz` or uncompressed) and the md5 of its uncompressed bytes.
 MNIST_FILES = {
@@ -36,8 +38,7 @@ MNIST_FILES = {
 IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes (0x08); 3 or 1 dimensions
 SPLITS = ("train", "val", "test")
 SCALES = ("diffusion", "classifier")
-NORMALISATION = "x / 127.5 - 1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the prepared dataset's layout: bump when it changes (also invalidates cached data)
 SIDE = 28
 _REPO_ROOT = Path(__file__).resolve().parent.parent  # the default mirror is found from here too
 _DEFAULT_MIRROR = Path("..") / "shared" / "data" / "mnist"
@@ -48,7 +49,7 @@ _SCHEMA = pa.schema(
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """MNIST files or a prepared dataset that cannot be used; the message names the file and the fix."""
 
 
@@ -191,7 +192,7 @@ def _write_parquet(path: Path, images: np.ndarray, labels: np.ndarray, index: np
     with pq.ParquetWriter(path, _SCHEMA) as writer:
         for start in range(0, len(index), 5_000):
             rows = index[start : start + 5_000]
-            pixels = images[rows].reshape(-1).astype(np.float32) / np.float32(127.5) - np.float32(1)
+            pixels = uint8_to_model(images[rows].reshape(-1)).numpy()
             batch = pa.record_batch(
                 [
                     pa.FixedSizeListArray.from_arrays(pa.array(pixels), SIDE * SIDE),
@@ -347,7 +348,7 @@ def load_split(
     images = torch.tensor(pixels.reshape(-1, 1, SIDE, SIDE))
     labels = torch.tensor(table.column("label").to_numpy(zero_copy_only=False), dtype=torch.int64)
     if scale == "classifier":
-        images = (images + 1) / 2
+        images = model_to_unit(images)
     return images, labels
 
 

@@ -14,10 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ddpm.config import DiffusionConfig
+from ddpm.config import LOSSES, SCHEDULES, DiffusionConfig
 
-SCHEDULES = ("linear", "cosine")
-LOSSES = ("mse", "l1")
 MAX_BETA = 0.999  # Nichol & Dhariwal clamp: the cosine schedule's last beta is ~1 and would make x_T singular
 
 
@@ -151,16 +149,18 @@ class GaussianDiffusion:
         model: torch.nn.Module,
         x0: torch.Tensor,
         labels: torch.Tensor | None = None,
+        null_label: int | None = None,
         p_uncond: float = 0.0,
         loss: str | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Epsilon-prediction loss at a uniformly drawn timestep per image (the "simple" loss of Ho et al.).
 
-        For a conditional model (`model.num_classes > 0`) each label is replaced by `model.null_label` with
+        Conditioning is the caller's decision, never read off the model (a DDP wrapper has none of its
+        attributes): labels=None trains unconditionally; with labels, each is replaced by `null_label` with
         probability `p_uncond`, which trains the unconditional branch used by classifier-free guidance.
-        An unconditional model always gets labels=None. `loss` defaults to the one this diffusion was built
-        with. `generator` (on any device) makes t, noise and label dropout reproducible.
+        `loss` defaults to the one this diffusion was built with. `generator` (on any device) makes t, noise
+        and label dropout reproducible.
         """
         loss = loss or self.loss
         if loss not in LOSSES:
@@ -172,12 +172,11 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=gdev).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
 
-        num_classes = getattr(model, "num_classes", 0)
-        if not num_classes:
-            labels = None
-        elif labels is not None and p_uncond > 0:
+        if labels is not None and p_uncond > 0:
+            if null_label is None:
+                raise ValueError("label dropout (p_uncond > 0) needs the model's null_label")
             drop = (torch.rand(b, generator=generator, device=gdev) < p_uncond).to(labels.device)
-            labels = torch.where(drop, torch.full_like(labels, model.null_label), labels)
+            labels = torch.where(drop, torch.full_like(labels, null_label), labels)
 
         x_t = diffusion.q_sample(x0, t, noise)
         eps = model(x_t, t, labels).float()  # float: the model may run under bf16 autocast

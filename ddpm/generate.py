@@ -7,6 +7,7 @@ whoever computes it, so the images are byte-identical however many processes or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ddpm.config import SampleConfig
+from ddpm.checkpoints import write_atomically
+from ddpm.config import Config
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.sampling import PerImageNoise, SampleResult, ddim_sample, ddpm_sample, image_seeds, to_uint8
+from ddpm.errors import UserError
+from ddpm.pixels import model_to_uint8
+from ddpm.sampling import PerImageNoise, SampleResult, ddim_sample, ddpm_sample, dpm_solver_sample, image_seeds
 
 
 @dataclass(frozen=True)
@@ -49,41 +52,43 @@ def labels_for(start: int, count: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(start, start + count) % num_classes
 
 
-def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig, noise: PerImageNoise,
+def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noise: PerImageNoise,
                 labels: torch.Tensor | None, keep_every: int = 0, progress: bool = False) -> SampleResult:
+    """The configured sampler (`cfg.sample`) on one batch; `cfg.unet` says whether labels mean anything."""
     device = next(model.parameters()).device
-    labels = labels.to(device) if labels is not None else None
-    common = dict(labels=labels, guidance_scale=cfg.guidance_scale, clip_x0=cfg.clip_x0,
-                  keep_every=keep_every, progress=progress)
-    if cfg.sampler == "ddim":
-        return ddim_sample(model, diffusion, noise, steps=cfg.ddim_steps, eta=cfg.eta, **common)
+    s = cfg.sample
+    conditional = cfg.unet.num_classes > 0
+    common = dict(labels=labels.to(device) if conditional and labels is not None else None,
+                  null_label=cfg.unet.num_classes if conditional else None, guidance_scale=s.guidance_scale,
+                  clip_x0=s.clip_x0, keep_every=keep_every, progress=progress)
+    if s.sampler == "ddim":
+        return ddim_sample(model, diffusion, noise, steps=s.ddim_steps, eta=s.eta, **common)
+    if s.sampler == "dpm++2m":
+        return dpm_solver_sample(model, diffusion, noise, steps=s.ddim_steps, **common)
     return ddpm_sample(model, diffusion, noise, **common)
 
 
-def sample_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: SampleConfig, start: int, count: int,
-                  *, progress: bool = False, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
-    """Images start..start+count-1 as uint8 [count, 28, 28] and their labels (-1 when unconditional).
+def sample_shard(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, shard: Shard, out: Path,
+                 on_batch: Callable[[int], None] | None = None) -> Path:
+    """Generate the shard's images in its fixed batches and write them to `out` (Parquet).
 
-    `start` must sit on a batch boundary so that batches match those of any other sharding.
+    Whoever runs it (this process, a Ray actor), a batch is computed the same way, so images are identical.
     """
-    if start % cfg.batch_size:
-        raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={cfg.batch_size}")
-    num_classes = model.num_classes
-    shape = (model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+    s = cfg.sample
+    if shard.start % s.batch_size:
+        raise ValueError(f"shard start {shard.start} is not a multiple of sample.batch_size={s.batch_size}")
+    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
     images, labels = [], []
-    bar = tqdm(total=count, desc="sampling", unit="img", disable=not progress)
-    for first in range(start, start + count, cfg.batch_size):
-        n = min(cfg.batch_size, start + count - first)
-        noise = PerImageNoise(image_seeds(cfg.seed, first, n), shape)
-        batch_labels = labels_for(first, n, num_classes)
+    for first in range(shard.start, shard.start + shard.count, s.batch_size):
+        n = min(s.batch_size, shard.start + shard.count - first)
+        noise = PerImageNoise(image_seeds(s.seed, first, n), shape)
+        batch_labels = labels_for(first, n, cfg.unet.num_classes)
         result = run_sampler(model, diffusion, cfg, noise, batch_labels)
-        images.append(to_uint8(result.images).cpu().numpy()[:, 0])
+        images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))
-        bar.update(n)
         if on_batch is not None:
             on_batch(n)
-    bar.close()
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+    return write_samples(out, shard.start, np.concatenate(images), np.concatenate(labels).astype(np.int64))
 
 
 def write_samples(path: Path, start: int, images: np.ndarray, labels: np.ndarray) -> Path:
@@ -94,30 +99,19 @@ def write_samples(path: Path, start: int, images: np.ndarray, labels: np.ndarray
         "label": pa.array(labels, pa.int8()),
         "image": flat,
     })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def combine_shards(shard_paths: list[Path], out: Path) -> Path:
     table = pa.concat_tables([pq.read_table(p) for p in shard_paths]).sort_by("index")
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
-    return out
+    return write_atomically(out, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, 28, 28] and labels [N] from a samples Parquet file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no samples at {path}: run `ddpm sample --out RUN_DIR` first")
+        raise UserError(f"no samples at {path}: run `ddpm sample --out RUN_DIR` first")
     table = pq.read_table(path)
     flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     side = int(round((len(flat) / max(len(table), 1)) ** 0.5))
     return flat.reshape(len(table), side, side), table.column("label").to_numpy().astype(np.int64)
-
-
-def uint8_to_model_range(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)

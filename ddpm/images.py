@@ -10,17 +10,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ddpm.checkpoints import write_atomically
+from ddpm.pixels import model_to_uint8
+
 
 def to_uint8_array(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """[N,1,H,W] or [N,H,W]; float in [-1, 1] or already uint8 -> uint8 [N,H,W]."""
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.ndim == 4:
-        images = images[:, 0]
-    if images.dtype != np.uint8:
-        images = np.clip(np.rint((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return images
+        images = images.detach().cpu()
+    images = model_to_uint8(images).numpy()
+    return images[:, 0] if images.ndim == 4 else images
 
 
 def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -37,10 +36,9 @@ def grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: Path, nrow: int | None = None, scale: int = 2) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(grid(images, nrow))
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
-    return path
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return write_atomically(path, picture.save)
 
 
 def save_reverse_process_gif(xt_frames: list[torch.Tensor], x0_frames: list[torch.Tensor],
@@ -58,9 +56,8 @@ def save_reverse_process_gif(xt_frames: list[torch.Tensor], x0_frames: list[torc
         ImageDraw.Draw(captioned).text((4, 1), f"t = {t}    x_t  |  estimate of x0", fill=0)
         frames.append(captioned)
     frames += [frames[-1]] * 10  # linger on the result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-    return path
+    return write_atomically(path, lambda tmp: frames[0].save(tmp, save_all=True, append_images=frames[1:],
+                                                              duration=ms_per_frame, loop=0))
 
 
 def _pyplot():
@@ -84,8 +81,7 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return path
 
@@ -102,7 +98,6 @@ def plot_label_histogram(generated: np.ndarray, reference: np.ndarray, path: Pat
     ax.set_ylabel("share")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return path

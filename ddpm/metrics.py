@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddpm.pixels import model_to_unit
+
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and sample covariance [D, D] (N - 1 denominator, as in pytorch-fid) of features [N, D]."""
@@ -114,7 +116,7 @@ def extract_lenet_outputs(
     try:
         with torch.inference_mode():
             for batch in tqdm(images.split(batch_size), desc="LeNet", disable=not progress, leave=False):
-                x = ((batch.float() + 1) / 2).to(device)
+                x = model_to_unit(batch).to(device)
                 feats.append(lenet.features(x).double().cpu())
                 preds.append(lenet(x).argmax(dim=1).cpu())
     finally:

@@ -1,4 +1,4 @@
-"""Reverse-process samplers (DDPM ancestral, DDIM), classifier-free guidance and per-image noise.
+"""Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++), classifier-free guidance and per-image noise.
 
 Reproducibility contract: every image owns a torch.Generator seeded from (base seed, global image index), and
 every random draw for that image comes from it. An image therefore depends only on its seed (and label), not
@@ -7,6 +7,7 @@ on the batch it was sampled in or on how many workers shared the job.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -96,18 +97,21 @@ def guided_eps(
     t: torch.Tensor,
     labels: torch.Tensor | None,
     guidance_scale: float,
+    null_label: int | None = None,
 ) -> torch.Tensor:
     """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond), as float32.
 
-    Unconditional models, or labels=None, give plain model(x, t). Otherwise the conditional and null-label
-    halves run as one batch of 2B. w = 1 (pure conditional) and w = 0 (pure unconditional) need only one half,
-    so they skip the other.
+    labels=None gives plain model(x, t) (an unconditional model, or a conditional one's null branch is then
+    the caller's to ask for). Otherwise the conditional and null-label halves run as one batch of 2B. w = 1
+    (pure conditional) and w = 0 (pure unconditional) need only one half, so they skip the other.
     """
-    if labels is None or not getattr(model, "num_classes", 0):
+    if labels is None:
         return model(x, t, None).float()
     if guidance_scale == 1.0:
         return model(x, t, labels).float()
-    null = torch.full_like(labels, model.null_label)
+    if null_label is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs the model's null_label")
+    null = torch.full_like(labels, null_label)
     if guidance_scale == 0.0:
         return model(x, t, null).float()
     eps_cond, eps_uncond = (
@@ -144,6 +148,7 @@ def ddpm_sample(
     noise: PerImageNoise,
     *,
     labels: torch.Tensor | None = None,
+    null_label: int | None = None,
     guidance_scale: float = 1.0,
     clip_x0: bool = True,
     keep_every: int = 0,
@@ -161,7 +166,7 @@ def ddpm_sample(
         x = noise.randn().to(device)
         for step, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
             tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, tt, labels, guidance_scale)
+            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
             x0 = diffusion.predict_x0(x, tt, eps)
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
@@ -187,6 +192,7 @@ def ddim_sample(
     steps: int,
     eta: float = 0.0,
     labels: torch.Tensor | None = None,
+    null_label: int | None = None,
     guidance_scale: float = 1.0,
     clip_x0: bool = True,
     keep_every: int = 0,
@@ -210,7 +216,7 @@ def ddim_sample(
         x = noise.randn().to(device)
         for step, t in enumerate(tqdm(seq, desc="DDIM", disable=not progress, leave=False)):
             tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, tt, labels, guidance_scale)
+            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
             x0 = diffusion.predict_x0(x, tt, eps)
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
@@ -225,6 +231,56 @@ def ddim_sample(
     return frames.result(x)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats to uint8 pixels: round((x + 1) * 127.5), clamped to 0..255."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def _log_snr(ab: float) -> float:
+    """lambda = log(alpha / sigma) for alpha = sqrt(ab), sigma = sqrt(1 - ab)."""
+    return 0.5 * (math.log(ab) - math.log1p(-ab))
+
+
+def dpm_solver_sample(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    noise: PerImageNoise,
+    *,
+    steps: int,
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = True,
+    keep_every: int = 0,
+    progress: bool = False,
+) -> SampleResult:
+    """DPM-Solver++(2M) (Lu et al. 2022): the multistep second-order solver of the probability-flow ODE in
+    data-prediction form, over t_0 > ... > t_{M-1} = `ddim_timesteps(T, steps)` and then t_M = the clean data.
+
+    With alpha_i = sqrt(ab_i), sigma_i = sqrt(1 - ab_i), lambda_i = log(alpha_i / sigma_i), h_i = lambda_i -
+    lambda_{i-1} and x0_i the data prediction at t_i (clipped to [-1, 1] when clip_x0), step i = 1..M is
+        x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i,
+        D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i    (2nd order),
+        D_i = x0_{i-1}                                                  (1st order: i = 1 and i = M).
+    The last step goes to alpha_M = 1, sigma_M = 0 (lambda_M = inf): first order, it yields x_M = x0_{M-1}, as
+    DDIM's last step does. A first-order step is exactly a DDIM (eta = 0) step. Deterministic given x_T: noise
+    is drawn once. Same as diffusers' DPMSolverMultistepScheduler (dpmsolver++, solver_order=2, final sigma 0).
+    """
+    device, diffusion, labels = _prepare(model, diffusion, noise, labels)
+    seq = ddim_timesteps(diffusion.num_timesteps, steps)
+    ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
+    frames = _Frames(keep_every, len(seq))
+    with torch.inference_mode(), _EvalMode(model):
+        x = noise.randn().to(device)
+        x0_prev, h_prev = None, 0.0
+        for step, t in enumerate(tqdm(seq, desc="DPM-Solver++", disable=not progress, leave=False)):
+            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
+            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
+            x0 = diffusion.predict_x0(x, tt, eps)
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+            if step + 1 == len(seq):
+                x = x0  # to sigma = 0: exp(-h) = 0 and the first-order update is x0 itself
+            else:
+                a, a_next = float(ab[t]), float(ab[seq[step + 1]])
+                h = _log_snr(a_next) - _log_snr(a)
+                d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)  # 1 / (2 r) = h / 2h_prev
+                x = ((1 - a_next) / (1 - a)) ** 0.5 * x - a_next**0.5 * math.expm1(-h) * d
+                x0_prev, h_prev = x0, h
+            frames(step, t, x, x0)
+    return frames.result(x)

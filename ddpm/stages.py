@@ -1,42 +1,31 @@
-"""The pipeline's stages as plain functions over a run folder.
+"""The pipeline's stages as plain functions over a run folder (`ddpm.run_folder`).
 
-A run folder holds one run: each stage reads what earlier stages wrote there and adds its own part, so the
-stages can run one by one (`ddpm data --out R`, `ddpm train --out R`, ...) or from an orchestrator.
-
-    R/config.json               the config the run used
-    R/data/                     train/val/test Parquet + manifest.json
-    R/classifier/lenet.pt       the LeNet evaluator (+ metrics)
-    R/unet/checkpoints/         one checkpoint per epoch, last.pt
-    R/unet/history.json         per-epoch losses and throughput
-    R/unet/model.pt             the sampling (EMA) weights
-    R/samples/samples.parquet   generated images (uint8) with their index and label
-    R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png
-    R/evaluation.json           FLD and friends
+The CLI calls them one by one; the Prefect flow wraps the same functions in tasks and adds tracking. Where a
+stage can run elsewhere (training on Ray Train workers, sampling on Ray actors), the caller passes in how; the
+stage itself stays the same, and so do the files it leaves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ddpm.checkpoints import copy_file, write_json
 from ddpm.classifier import load_lenet, train_lenet
-from ddpm.config import Config
-from ddpm.data import class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
+from ddpm.config import Config, with_trained
+from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.generate import (
-    labels_for,
-    read_samples,
-    run_sampler,
-    sample_images,
-    uint8_to_model_range,
-    write_samples,
-)
-from ddpm.images import plot_label_histogram, plot_loss_curves, save_grid, save_reverse_process_gif
+from ddpm.generate import Shard, combine_shards, labels_for, plan_shards, read_samples, run_sampler, sample_shard
+from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
 from ddpm.metrics import (
     class_mean_distance,
     extract_lenet_outputs,
@@ -44,35 +33,56 @@ from ddpm.metrics import (
     histogram_imbalance,
     label_histogram,
 )
+from ddpm.pixels import uint8_to_model
+from ddpm.run_folder import RunPaths
 from ddpm.sampling import PerImageNoise, image_seeds
 from ddpm.training import fit, load_model, resolve_device
 
+__all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
 
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    config = property(lambda self: self.root / "config.json")
-    data = property(lambda self: self.root / "data")
-    lenet = property(lambda self: self.root / "classifier" / "lenet.pt")
-    unet = property(lambda self: self.root / "unet")
-    checkpoints = property(lambda self: self.root / "unet" / "checkpoints")
-    history = property(lambda self: self.root / "unet" / "history.json")
-    model = property(lambda self: self.root / "unet" / "model.pt")
-    samples = property(lambda self: self.root / "samples" / "samples.parquet")
-    samples_png = property(lambda self: self.root / "samples.png")
-    animation = property(lambda self: self.root / "reverse_process.gif")
-    loss_png = property(lambda self: self.root / "loss_curves.png")
-    histogram_png = property(lambda self: self.root / "label_histogram.png")
-    evaluation = property(lambda self: self.root / "evaluation.json")
+# --- caches shared between runs (the flow's `<runs>/cache/`): keyed by everything that shapes the result --
 
 
-def save_config(cfg: Config, paths: RunPaths) -> None:
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(cfg.to_json())
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_key(cfg: Config) -> str:
+    return _key({"format": FORMAT_VERSION, "split_seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction})
+
+
+def lenet_key(cfg: Config) -> str:
+    return _key({"data": data_key(cfg), "classifier": cfg.classifier.__dict__})
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.resolve() == target.resolve():
+            return
+        link.unlink() if link.is_symlink() else shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+# --- stages ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: Config, paths: RunPaths, *, cache: Path | None = None, progress: bool = True
+                 ) -> dict[str, Any]:
+    """Verify MNIST and write the Parquet splits; a complete dataset made with the same split is kept.
+
+    With `cache`, the dataset lives in `cache/data-<key>` (shared by runs) and the run folder links to it.
+    Returns the manifest plus `reused` (True when nothing had to be prepared).
+    """
+    if cfg.data.mirror:
+        resolve_mirror(cfg.data.mirror)  # a wrong explicit mirror fails, with its name, even if nothing is needed
+    folder = paths.data if cache is None else cache / f"data-{data_key(cfg)}"
+    reused = prepared_ok(folder) and _manifest_matches(cfg, folder)
+    if not reused:
+        prepare_dataset(folder, cfg.data, progress=progress)  # all or nothing
+    if cache is not None:
+        _link(paths.data, folder)
+    return {**json.loads((folder / "manifest.json").read_text()), "reused": reused, "data_key": data_key(cfg)}
 
 
 def _manifest_matches(cfg: Config, data_dir: Path) -> bool:
@@ -81,45 +91,67 @@ def _manifest_matches(cfg: Config, data_dir: Path) -> bool:
         abs(manifest.get("val_fraction", -1) - cfg.data.val_fraction) < 1e-12
 
 
-def prepare_data(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str, Any]:
-    """Verify and convert MNIST to Parquet; a complete folder made with the same split is kept as is."""
-    if prepared_ok(paths.data) and _manifest_matches(cfg, paths.data):
-        return json.loads((paths.data / "manifest.json").read_text())
-    if cfg.data.mirror:
-        resolve_mirror(cfg.data.mirror)  # fail early with the folder's name if it is wrong
-    return prepare_dataset(paths.data, cfg.data, progress=progress)
-
-
-def train_classifier(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str, Any]:
-    device = resolve_device(cfg.train.device)
-    return train_lenet(cfg.classifier, paths.data, paths.lenet, device, progress=progress)
-
-
-def ensure_classifier(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str, Any]:
-    if paths.lenet.exists():
-        _, metrics = load_lenet(paths.lenet)
-        if metrics["test_accuracy"] >= cfg.classifier.min_accuracy:
-            return metrics
-    return train_classifier(cfg, paths, progress=progress)
+def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None, progress: bool = True
+                     ) -> dict[str, Any]:
+    """Train the LeNet evaluator into the run folder. With `cache`, an evaluator trained before on the same data
+    with the same classifier config is reused, so FLDs of runs that share it stay comparable."""
+    cached = cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt" if cache is not None else None
+    reused = cached is not None and cached.exists() and \
+        load_lenet(cached)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
+    if reused:
+        copy_file(cached, paths.lenet)
+    else:
+        train_lenet(cfg.classifier, paths.data, paths.lenet, resolve_device(cfg.train.device), progress=progress)
+        if cached is not None:
+            copy_file(paths.lenet, cached)
+    return {**load_lenet(paths.lenet)[1], "reused": reused}
 
 
 def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Single-process training (resumes from the run's last checkpoint). Ray Train lives in flows/."""
-    history = fit(cfg, paths.data, paths.unet, progress=progress)
-    plot_loss_curves(history, paths.loss_png)
-    return history
+    """Train in this process (resuming from the run's last checkpoint). `flows.distributed.train_with_ray`
+    runs the same `fit` on Ray Train workers."""
+    return fit(cfg, paths, progress=progress)
 
 
-def sample(cfg: Config, paths: RunPaths, *, progress: bool = True) -> Path:
-    """Generate `sample.num_samples` images in this process, plus the reverse-process animation."""
+# Computes every shard into a folder (as `sample_shard` files): where the work runs is the caller's choice.
+ShardRunner = Callable[[Config, RunPaths, list[Shard], Path], None]
+
+
+def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: ShardRunner | None = None,
+           parallelism: int = 1) -> Path:
+    """Generate `sample.num_samples` images from the run's model, the sample grid and the reverse animation.
+
+    The architecture and the diffusion schedule are the checkpoint's (cfg's own are replaced; the CLI refuses
+    explicit contradictions before this). `run_shards` computes the shards elsewhere (Ray actors); by default
+    they are computed here. Either way the images are identical, and samples.parquet only appears when all
+    shards are done.
+    """
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(paths.model, device)
+    model, trained = load_model(paths.model, device)
+    cfg = with_trained(cfg, trained, set(), str(paths.model))
     diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
-    images, labels = sample_images(model, diffusion, cfg.sample, 0, cfg.sample.num_samples, progress=progress)
-    write_samples(paths.samples, 0, images, labels)
+    s = cfg.sample
+    shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
+    folder = paths.samples.parent / f".shards-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    try:
+        if run_shards is not None:
+            run_shards(cfg, paths, shards, folder)
+        else:
+            with tqdm(total=s.num_samples, desc="sampling", unit="img", disable=not progress) as bar:
+                for shard in shards:
+                    sample_shard(model, diffusion, cfg, shard, shard_file(folder, shard), on_batch=bar.update)
+        combine_shards([shard_file(folder, shard) for shard in shards], paths.samples)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    images, _ = read_samples(paths.samples)
     save_grid(images[:100], paths.samples_png, nrow=10)
     animate(cfg, paths, model, diffusion)
     return paths.samples
+
+
+def shard_file(folder: Path, shard: Shard) -> Path:
+    return folder / f"shard_{shard.index:05d}.parquet"
 
 
 def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: GaussianDiffusion) -> Path:
@@ -127,22 +159,24 @@ def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: Gau
     n = cfg.sample.animation_images
     shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
     noise = PerImageNoise(image_seeds(cfg.sample.seed, 0, n), shape)
-    steps = cfg.sample.ddim_steps if cfg.sample.sampler == "ddim" else cfg.diffusion.timesteps
-    result = run_sampler(model, diffusion, cfg.sample, noise, labels_for(0, n, cfg.unet.num_classes),
+    steps = cfg.sample.ddim_steps if cfg.sample.sampler != "ddpm" else cfg.diffusion.timesteps
+    result = run_sampler(model, diffusion, cfg, noise, labels_for(0, n, cfg.unet.num_classes),
                          keep_every=max(1, steps // 25))
     return save_reverse_process_gif(result.xt_frames, result.x0_frames, result.timesteps, paths.animation)
 
 
 def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str, Any]:
-    """FLD of generated images against the test set, with the baselines beside it, and the label balance."""
-    lenet_metrics = ensure_classifier(cfg, paths, progress=progress)
+    """FLD of generated images against the test set, with the baselines beside it, and the label balance.
+
+    Needs the run's LeNet evaluator (`ddpm train-classifier`) and samples (`ddpm sample`); it trains nothing.
+    """
     device = resolve_device(cfg.train.device)
-    lenet, _ = load_lenet(paths.lenet, device)
-    limit = cfg.eval.max_reference_images
-    test_x, test_y = load_split(paths.data, "test", "diffusion", limit=limit)
-    train_x, _ = load_split(paths.data, "train", "diffusion", limit=len(test_x), seed=1)
+    lenet, lenet_metrics = load_lenet(paths.lenet, device)
     gen_uint8, _ = read_samples(paths.samples)
-    generated = uint8_to_model_range(gen_uint8)
+    limit = cfg.eval.max_reference_images
+    test_x, test_y = load_split(paths.data, "test", limit=limit)
+    train_x, _ = load_split(paths.data, "train", limit=len(test_x), seed=1)
+    generated = uint8_to_model(gen_uint8).unsqueeze(1)
     noise = torch.rand(len(test_x), *test_x.shape[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def outputs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +208,6 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "sampler": {"name": cfg.sample.sampler, "ddim_steps": cfg.sample.ddim_steps, "eta": cfg.sample.eta,
                     "guidance_scale": cfg.sample.guidance_scale},
     }
-    paths.evaluation.write_text(json.dumps(result, indent=2))
-    save_grid(gen_uint8[:100], paths.samples_png, nrow=10)
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
+    write_json(paths.evaluation, result)
     return result

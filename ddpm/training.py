@@ -1,46 +1,46 @@
 """The U-Net training loop: AdamW, EMA, gradient clipping, bf16 autocast on GPU, checkpoints, resume.
 
-`DiffusionTrainer` is one process's training state. The single-process loop (`fit`) and the Ray Train
-workers in `flows/` drive the same object: they only differ in how the model is wrapped (DDP or not), how the
-data is sharded (`make_loader` with rank/world size) and where checkpoints go.
+`fit` is the only epoch loop. It runs in this process, or once per Ray Train worker: where torch.distributed
+is initialised (Ray's TorchTrainer sets up the process group), the model is wrapped in DistributedDataParallel
+and each rank trains on its shard of the data, as nanoGPT does. Whichever way it runs, rank 0 writes the same
+run folder (`ddpm.run_folder`) and resumes from it, so a run can continue in-process after Ray and vice versa.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from ddpm.config import Config, config_from_dict
+from ddpm.checkpoints import TRAINING_STATE, UNET, copy_file, load_checkpoint, save_checkpoint, write_json
+from ddpm.config import Config, config_from_dict, with_trained
 from ddpm.data import load_split
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import UserError
 from ddpm.models import build_unet
+from ddpm.run_folder import RunPaths
+
+VAL_BATCH = 256  # validation batch per rank: large enough to be quick, small enough for any device
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not one of ours."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
+        raise UserError("train.device=cuda but no CUDA device is visible: use train.device=auto or cpu")
     return torch.device(name)
 
 
@@ -78,82 +78,69 @@ class EpochMetrics:
     step: int
 
 
-def make_loader(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-) -> DataLoader:
+def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int,
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """A loader over this rank's shard. DistributedSampler with world_size=1 also gives a seeded shuffle that
     `set_epoch` makes reproducible, so resuming replays exactly the order an uninterrupted run would use."""
-    sampler = DistributedSampler(
-        TensorDataset(images, labels), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-        drop_last=shuffle,
-    )
-    return DataLoader(
-        TensorDataset(images, labels), batch_size=batch_size, sampler=sampler, drop_last=shuffle,
-        pin_memory=pin_memory,
-    )
+    dataset = TensorDataset(images, labels)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle, pin_memory=pin_memory)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when a launcher (Ray Train, torchrun) set it up, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class DiffusionTrainer:
-    def __init__(
-        self,
-        cfg: Config,
-        device: torch.device,
-        *,
-        wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-        rank: int = 0,
-    ):
-        self.cfg = cfg
-        self.device = device
+    """One process's training state: the model (DDP-wrapped when world_size > 1), EMA, optimizer, counters."""
+
+    def __init__(self, cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         self.model = build_unet(cfg.unet, cfg.diffusion.timesteps).to(device)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.train_model = wrap(self.model)  # e.g. DistributedDataParallel; shares parameters with self.model
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        self.train_model = self.model  # what the loss calls: the DDP wrapper where gradients are all-reduced
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
-        # Timesteps and noise come from our own generator so that resume continues the same random stream.
-        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.generator = torch.Generator(device=device)  # timesteps, noise, label dropout: see `_reseed`
+        # Conditioning is decided here, from the config, never read off the (possibly wrapped) model.
+        self.null_label = cfg.unet.num_classes if cfg.unet.num_classes > 0 else None
         self.epoch = 0  # epochs completed
         self.step = 0
         self.autocast = device.type == "cuda" and cfg.train.bf16
 
-    @property
-    def conditional(self) -> bool:
-        return self.cfg.unet.num_classes > 0
+    def _reseed(self, purpose: int) -> None:
+        """A stream per (seed, epoch, rank, purpose): resume needs no saved RNG state and replays exactly."""
+        self.generator.manual_seed(hash((self.cfg.train.seed, self.epoch, self.rank, purpose)) & (2**63 - 1))
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p_uncond: float) -> torch.Tensor:
+        labels = y if self.null_label is not None else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return self.diffusion.training_loss(
-                model, x, labels=y if self.conditional else None, p_uncond=p_uncond,
-                loss=self.cfg.diffusion.loss, generator=self.generator,
-            )
+            return self.diffusion.training_loss(model, x, labels=labels, null_label=self.null_label,
+                                                p_uncond=p_uncond, generator=self.generator)
 
-    def train_epoch(
-        self,
-        loader: DataLoader,
-        *,
-        progress: bool = False,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> tuple[float, float]:
-        """One pass over `loader`; returns (mean loss, images per second)."""
+    def train_epoch(self, loader: DataLoader, *, progress: bool = False,
+                    on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+        """One pass over this rank's `loader`; returns (summed loss * images, images)."""
         self.train_model.train()
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(self.epoch)
-        total, count, start = 0.0, 0, time.perf_counter()
+        loader.sampler.set_epoch(self.epoch)
+        self._reseed(0)
+        total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", disable=not progress,
                    leave=False)
         for batch_index, (x, y) in enumerate(bar):
             if on_batch is not None:
-                on_batch(batch_index)
+                on_batch(self.epoch + 1, batch_index)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             loss = self._loss(self.train_model, x, y, self.cfg.train.p_uncond)
@@ -173,37 +160,33 @@ class DiffusionTrainer:
             total += loss.item() * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        seconds = time.perf_counter() - start
-        return total / max(count, 1), count / max(seconds, 1e-9)
+        return total, count
 
     @torch.no_grad()
-    def validate(self, loader: DataLoader) -> float:
-        """Loss of the sampling weights (EMA if kept) on a fixed draw of timesteps and noise."""
+    def validate(self, loader: DataLoader) -> tuple[float, int]:
+        """Loss of the sampling weights (EMA if kept) on this rank's shard, with the same t and noise every
+        epoch so that epochs compare; returns (summed loss * images, images)."""
         model = self.sampling_model().eval()
-        saved = self.generator.get_state()
-        self.generator.manual_seed(12345)  # the same t and noise every epoch: comparable numbers
+        self.generator.manual_seed(12345 + self.rank)
         total, count = 0.0, 0
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             total += self._loss(model, x, y, 0.0).item() * len(x)
             count += len(x)
-        self.generator.set_state(saved)
-        return total / max(count, 1)
+        return total, count
 
     def sampling_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "kind": "mnist-ddpm-unet-checkpoint",
+            "kind": TRAINING_STATE,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,108 +196,107 @@ class DiffusionTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file and rename, so a crash never leaves a truncated checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_training_state(paths: RunPaths) -> dict[str, Any] | None:
+    """The run's newest training checkpoint (last.pt), or None before the first epoch."""
+    if not paths.last_checkpoint.exists():
+        return None
+    return load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
 
 
-def copy_checkpoint(source: Path, target: Path) -> None:
-    """Same bytes under another name (e.g. last.pt), also written atomically."""
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+def trained_config(paths: RunPaths) -> tuple[Config, str] | None:
+    """The config a run's U-Net was trained with (model.pt, else the last checkpoint), and that file's path."""
+    for path, kinds in ((paths.model, (UNET,)), (paths.last_checkpoint, (TRAINING_STATE,))):
+        if path.exists():
+            return config_from_dict(load_checkpoint(path, kinds, "")["config"]), str(path)
+    return None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: run `ddpm train --out RUN_DIR` first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle with disallowed globals, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); delete it and retrain") from exc
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not an mnist-ddpm checkpoint (no model/config entries)")
-    return state
+def _sum_over_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    if world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
-def export_model(state: dict[str, Any], path: Path) -> None:
-    """From a training checkpoint (`DiffusionTrainer.state_dict()`), keep what `ddpm sample` needs: the sampling
-    weights (EMA where kept) and the config that builds them."""
-    weights = state["ema"] if state.get("ema") is not None else state["model"]
-    save_checkpoint(
-        {"kind": "mnist-ddpm-unet", "config": state["config"], "model": weights, "epoch": state["epoch"],
-         "step": state["step"]},
-        path,
-    )
+def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, progress: bool = True,
+        on_epoch: Callable[[EpochMetrics], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Train to `cfg.train.epochs`, resuming from the run's last checkpoint; returns the history.
 
-
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild a trained U-Net (eval mode) and its config from `export_model`'s file or a checkpoint."""
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    model = build_unet(cfg.unet, cfg.diffusion.timesteps)
-    weights = state.get("ema") or state["model"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), cfg
-
-
-def load_training_data(cfg: Config, data_dir: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    seed = cfg.train.seed
-    train = load_split(data_dir, "train", "diffusion", limit=cfg.train.max_train_images, seed=seed)
-    val = load_split(data_dir, "val", "diffusion", limit=cfg.train.max_val_images, seed=seed)
-    return train, val
-
-
-def append_history(path: Path, metrics: EpochMetrics) -> list[dict[str, Any]]:
-    history = json.loads(path.read_text()) if path.exists() else []
-    history = [h for h in history if h["epoch"] < metrics.epoch] + [asdict(metrics)]
-    path.write_text(json.dumps(history, indent=2))
-    return history
-
-
-def fit(cfg: Config, data_dir: Path, out_dir: Path, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Train in this process, resuming from `out_dir/checkpoints/last.pt` if a previous run left one.
-
-    Writes a checkpoint per epoch, `history.json` (per-epoch metrics) and `model.pt` (the sampling weights).
-    Returns the history.
+    Rank 0 writes unet/checkpoints/epoch_NNN.pt and last.pt after every epoch, history.json, loss_curves.png,
+    and finally model.pt (the sampling weights). `on_epoch` runs on every rank after the epoch's files are
+    written (Ray reports there); `on_batch(epoch, batch_index)` before every batch (a test's fault switch).
     """
-    device = resolve_device(cfg.train.device)
-    (train_x, train_y), (val_x, val_y) = load_training_data(cfg, data_dir)
-    trainer = DiffusionTrainer(cfg, device)
-    last = out_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        trainer.load_state_dict(load_checkpoint(last))
-        if progress:
-            print(f"resuming from {last} after epoch {trainer.epoch}")
+    from ddpm.images import plot_loss_curves
+
+    rank, world = _process_group()
+    if cfg.train.batch_size % world:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not a multiple of the {world} workers")
+    device = device or resolve_device(cfg.train.device)
+    state = load_training_state(paths)
+    if state is not None:
+        # The checkpoint fixes the architecture and the schedule: a different request is an error, not a crash.
+        with_trained(cfg, config_from_dict(state["config"]), None, str(paths.last_checkpoint))
+    trainer = DiffusionTrainer(cfg, device, rank=rank, world_size=world)
+    if state is not None:
+        trainer.load_state_dict(state)
+        if progress and rank == 0:
+            print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}", flush=True)
+    (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
+    val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
     pin = device.type == "cuda"
-    train_loader = make_loader(train_x, train_y, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                               pin_memory=pin)
-    val_loader = make_loader(val_x, val_y, max(cfg.train.batch_size, 256), shuffle=False, seed=0)
-    history_path = out_dir / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
-    for _ in tqdm(range(trainer.epoch, cfg.train.epochs), desc="train U-Net", disable=not progress,
+    train_loader = make_loader(train_x, train_y, cfg.train.batch_size // world, shuffle=True,
+                               seed=cfg.train.seed, rank=rank, world_size=world, pin_memory=pin)
+    val_loader = make_loader(val_x, val_y, VAL_BATCH, shuffle=False, seed=0, rank=rank, world_size=world)
+    history = json.loads(paths.history.read_text()) if paths.history.exists() else []
+    history = [h for h in history if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
+    show = progress and rank == 0
+    for _ in tqdm(range(trainer.epoch, cfg.train.epochs), desc="train U-Net", disable=not show,
                   initial=trainer.epoch, total=cfg.train.epochs):
         start = time.perf_counter()
-        train_loss, images_per_s = trainer.train_epoch(train_loader, progress=progress)
+        train_sum, train_count = trainer.train_epoch(train_loader, progress=show, on_batch=on_batch)
+        train_seconds = time.perf_counter() - start
         trainer.epoch += 1
-        val_loss = trainer.validate(val_loader)
-        metrics = EpochMetrics(trainer.epoch, train_loss, val_loss, images_per_s,
-                               time.perf_counter() - start, trainer.step)
-        epoch_file = out_dir / "checkpoints" / f"epoch_{trainer.epoch:03d}.pt"
-        save_checkpoint(trainer.state_dict(), epoch_file)
-        copy_checkpoint(epoch_file, last)
-        history = append_history(history_path, metrics)
-        if progress:
-            tqdm.write(f"epoch {metrics.epoch}: train {train_loss:.4f}  val {val_loss:.4f}  "
-                       f"{images_per_s:.0f} img/s")
-    export_model(trainer.state_dict(), out_dir / "model.pt")
+        val_sum, val_count = trainer.validate(val_loader)
+        train_sum, train_count, val_sum, val_count = _sum_over_ranks(
+            [train_sum, train_count, val_sum, val_count], world, device)
+        metrics = EpochMetrics(trainer.epoch, train_sum / max(train_count, 1), val_sum / max(val_count, 1),
+                               train_count / max(train_seconds, 1e-9), time.perf_counter() - start, trainer.step)
+        history.append(asdict(metrics))
+        if rank == 0:
+            epoch_file = paths.epoch_checkpoint(trainer.epoch)
+            save_checkpoint(trainer.state_dict(), epoch_file)
+            copy_file(epoch_file, paths.last_checkpoint)
+            write_json(paths.history, history)
+            plot_loss_curves(history, paths.loss_png)
+            if show:
+                tqdm.write(f"epoch {metrics.epoch}: train {metrics.train_loss:.4f}  val {metrics.val_loss:.4f}  "
+                           f"{metrics.images_per_s:.0f} img/s")
+        if on_epoch is not None:
+            on_epoch(metrics)
+    if rank == 0:
+        export_model(trainer.state_dict(), paths)
     return history
 
+
+def export_model(state: dict[str, Any], paths: RunPaths) -> None:
+    """From a training state, keep what sampling needs: the sampling weights (EMA where kept) and the config."""
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    save_checkpoint({"kind": UNET, "config": state["config"], "model": weights, "epoch": state["epoch"],
+                     "step": state["step"]}, paths.model)
+
+
+def load_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """Rebuild a trained U-Net (eval mode) and the config it was trained with, from `model.pt`."""
+    state = load_checkpoint(path, (UNET,), "train a model first with `ddpm train --out RUN_DIR`")
+    cfg = config_from_dict(state["config"])
+    model = build_unet(cfg.unet, cfg.diffusion.timesteps)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not match the config saved with them ({str(exc)[:120]}...); "
+                        "retrain this run") from None
+    return model.to(device).eval(), cfg

@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from ddpm.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from ddpm.config import Config, ConfigError, load_config, parse_overrides
+from ddpm.errors import UserError
 
 
 def _common(parser: argparse.ArgumentParser, needs_out: bool = True) -> None:
@@ -52,16 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
-    overrides = list(args.overrides)
+    """Defaults <- profile <- config file <- --set, on top of the run folder's saved config if it has one.
+
+    For stages that use a trained U-Net, the architecture and diffusion schedule come from its checkpoint; an
+    explicit --set or config-file value that contradicts them is refused.
+    """
+    from ddpm.config import read_config_file, with_trained
+    from ddpm.run_folder import RunPaths, read_config
+    from ddpm.training import trained_config
+
+    overrides = parse_overrides(args.overrides)
     if getattr(args, "mirror", None):
-        overrides.append(f"data.mirror={args.mirror}")
+        overrides["data.mirror"] = args.mirror
     workers = getattr(args, "workers", None)
     if workers is not None:
-        overrides.append(f"{'train.num_workers' if args.command == 'train' else 'sample.num_actors'}={workers}")
-    base = None
-    if run_dir is not None and (run_dir / "config.json").exists():
-        base = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-    return load_config(args.profile, args.config_file, overrides, base=base)
+        overrides["train.num_workers" if args.command == "train" else "sample.num_actors"] = workers
+    paths = RunPaths(run_dir) if run_dir is not None else None
+    base = read_config(paths) if paths is not None else None
+    cfg = load_config(args.profile, args.config_file, overrides, base=base)
+    if paths is not None and args.command in ("train", "sample"):
+        trained = trained_config(paths)
+        if trained is not None:
+            explicit = set(overrides) | set(read_config_file(args.config_file) if args.config_file else ())
+            cfg = with_trained(cfg, trained[0], explicit, trained[1])
+    return cfg
 
 
 def cmd_model_summary(cfg: Config) -> None:
@@ -73,31 +88,34 @@ def cmd_model_summary(cfg: Config) -> None:
 
 
 def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool) -> object:
+    """Run one stage; only when it succeeds is the config it ran with recorded in the run folder."""
     from ddpm import stages
+    from ddpm.run_folder import commit_config
 
     paths = stages.RunPaths(run_dir)
-    stages.save_config(cfg, paths)
     if command == "data":
-        manifest = stages.prepare_data(cfg, paths, progress=progress)
-        return {k: manifest[k] for k in ("counts",) if k in manifest}
-    if command == "train-classifier":
-        return stages.train_classifier(cfg, paths, progress=progress)
-    if command == "train":
-        if cfg.train.num_workers > 1:
-            from flows.distributed import train_with_ray
+        result: object = {"counts": stages.prepare_data(cfg, paths, progress=progress)["counts"]}
+    elif command == "train-classifier":
+        result = stages.train_classifier(cfg, paths, progress=progress)
+    elif command == "train" and cfg.train.num_workers > 1:
+        from flows.distributed import train_with_ray
 
-            return train_with_ray(cfg, paths, progress=progress)[-1]
-        return stages.train_unet(cfg, paths, progress=progress)[-1]
-    if command == "sample":
-        if cfg.sample.num_actors > 1:
-            from flows.distributed import sample_with_ray
+        result = train_with_ray(cfg, paths, progress=progress)[-1]
+    elif command == "train":
+        result = stages.train_unet(cfg, paths, progress=progress)[-1]
+    elif command == "sample" and cfg.sample.num_actors > 1:
+        from flows.distributed import sample_with_ray
 
-            return str(sample_with_ray(cfg, paths, progress=progress))
-        return str(stages.sample(cfg, paths, progress=progress))
-    if command == "evaluate":
-        result = stages.evaluate(cfg, paths, progress=progress)
-        return {"fld": result["fld"], "label_imbalance_tv": result["label_imbalance_tv"]}
-    raise ValueError(command)
+        result = str(sample_with_ray(cfg, paths, progress=progress))
+    elif command == "sample":
+        result = str(stages.sample(cfg, paths, progress=progress))
+    elif command == "evaluate":
+        evaluation = stages.evaluate(cfg, paths, progress=progress)
+        result = {"fld": evaluation["fld"], "label_imbalance_tv": evaluation["label_imbalance_tv"]}
+    else:
+        raise ValueError(command)
+    commit_config(cfg, paths)
+    return result
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -113,15 +131,6 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                run_name=out.name if out else None, runs_dir=str(out.parent) if out else None)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from ddpm.classifier import AccuracyTooLowError
-    from ddpm.data import DataError
-    from ddpm.training import CheckpointError, NonFiniteLossError
-
-    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, AccuracyTooLowError,
-            FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resolve_config(args, Path(args.out))
             result = run_stage(args.command, cfg, Path(args.out), not args.quiet)
             print(json.dumps(result, indent=2, default=str))
-    except _known_errors() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

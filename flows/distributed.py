@@ -1,40 +1,32 @@
-"""Ray: U-Net training with Ray Train across workers, and sampling with a pool of Ray actors.
+"""Ray: where the library's stages run. U-Net training on Ray Train workers, sampling on Ray actors.
 
-Both call the same library code as the single-process stages (`ddpm.training.DiffusionTrainer`,
-`ddpm.generate.sample_images`): Ray only decides where it runs.
+Ray adds no second copy of either stage. Every Train worker runs `ddpm.training.fit`, the loop the CLI runs
+in-process: Ray provides the process group (DDP over gloo on CPUs, NCCL on GPUs), each rank's shard of the data,
+and the place each epoch is reported. The sampling actors run `ddpm.generate.sample_shard` for the shards that
+`ddpm.stages.sample` plans and combines.
 
-Ray Train V2 notes (2.60): there is no `Trainer.restore`; a run is resumed by building the trainer again with
-the same (storage_path, name) and loading `ray.train.get_checkpoint()` inside the training function. Every
-worker must call `ray.train.report` the same number of times; only rank 0 attaches a checkpoint.
+The run folder is the source of truth: rank 0 writes every epoch's checkpoint there and every restart (after
+a lost worker, or a later `ddpm train`, in-process or on Ray) resumes from it. Ray Train V2 (2.60) has no
+`Trainer.restore` anyway; Ray's own storage only holds its run state and these events. Every worker must call
+`ray.train.report` the same number of times.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ddpm import stages
 from ddpm.config import Config, config_from_dict
-from ddpm.generate import combine_shards, plan_shards, sample_images, write_samples
-from ddpm.images import plot_loss_curves, save_grid
-from ddpm.stages import RunPaths, animate
-from ddpm.training import (
-    DiffusionTrainer,
-    EpochMetrics,
-    copy_checkpoint,
-    export_model,
-    load_training_data,
-    make_loader,
-    save_checkpoint,
-)
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from ddpm.generate import Shard
+from ddpm.run_folder import RunPaths
+from ddpm.training import EpochMetrics, fit
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -109,19 +101,8 @@ def read_events(storage: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _mean_over_workers(values: list[float], world: int, device: torch.device) -> list[float]:
-    """Each worker saw its own shard: report the mean over all of them, not rank 0's alone."""
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / world).tolist()
-
-
 def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[str, float]:
-    m = metrics if isinstance(metrics, dict) else metrics.__dict__
+    m = metrics if isinstance(metrics, dict) else asdict(metrics)
     return {"train_loss": m["train_loss"], "val_loss": m["val_loss"], "images_per_s": m["images_per_s"],
             "epoch_seconds": m["seconds"]}
 
@@ -143,96 +124,41 @@ def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None
         print(f"warning: could not log epoch {metrics.epoch} to MLflow: {exc}", flush=True)
 
 
-def _resume_state(checkpoint, run_folder: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads: Ray's, or a newer one already persisted in the run's folder.
-
-    A checkpoint reported just before a worker dies can be on disk yet unknown to the controller, which drains
-    reports on a timer; restarting from Ray's older one would redo a finished epoch.
-    """
-    candidates = sorted(run_folder.glob(f"epoch_*/{CHECKPOINT_FILE}"), reverse=True)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            candidates.insert(0, Path(folder) / CHECKPOINT_FILE)
-            return _newest_loadable(candidates)
-    return _newest_loadable(candidates)
-
-
-def _newest_loadable(paths: list[Path]) -> dict[str, Any] | None:
-    best = None
-    for path in paths:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - an interrupted copy: fall back to an older one
-            continue
-        if best is None or state["epoch"] > best["epoch"]:
-            best = state
-    return best
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. DDP over NCCL on GPUs, gloo on CPUs (set up by TorchTrainer)."""
+    """Runs on every Ray Train worker: the library's `fit`, with Ray's device and per-epoch reports."""
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
+
+    from ddpm.training import load_training_state
 
     cfg = config_from_dict(loop_config["config"])
+    paths = RunPaths(Path(loop_config["run_dir"]))
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        if world == 1:
-            return model
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    trainer = DiffusionTrainer(cfg, device, wrap=wrap, rank=rank)
-    history: list[dict[str, Any]] = []
+    rank = context.get_world_rank()
     events = Path(loop_config["events"])
-    state = _resume_state(ray.train.get_checkpoint(), events.parent)
-    if state is not None:
-        trainer.load_state_dict(state)
-        history = json.loads(state["history"])
+    fault_at_epoch = loop_config.get("fault_at_epoch", 0)
     if rank == 0:
-        _log_event(events, event="start", resumed_after_epoch=trainer.epoch, world_size=world)
+        state = load_training_state(paths)
+        _log_event(events, event="start", world_size=context.get_world_size(),
+                   resumed_after_epoch=state["epoch"] if state else 0)
 
-    (train_x, train_y), (val_x, val_y) = load_training_data(cfg, Path(loop_config["data_dir"]))
-    per_worker_batch = max(1, cfg.train.batch_size // world)  # the configured batch is the global one
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_x, train_y, per_worker_batch, shuffle=True, seed=cfg.train.seed,
-                               rank=rank, world_size=world, pin_memory=pin)
-    val_loader = make_loader(val_x, val_y, 256, shuffle=False, seed=0, rank=rank, world_size=world)
-    fault_marker = events.parent / f"fault_injected_epoch_{cfg.train.fail_at_epoch}"
-
-    def maybe_die(batch_index: int) -> None:
-        # Test-only fault switch: rank 0's process dies mid-epoch, once per run.
-        if (rank == 0 and cfg.train.fail_at_epoch == trainer.epoch + 1 and batch_index == 1
-                and not fault_marker.exists()):
-            fault_marker.touch()
-            _log_event(events, event="fault", epoch=trainer.epoch + 1)
+    def on_batch(epoch: int, batch_index: int) -> None:
+        # Test-only fault switch (train_with_ray(fault_at_epoch=...)): rank 0 dies mid-epoch, once per run.
+        marker = events.parent / f"fault_injected_epoch_{fault_at_epoch}"
+        if rank == 0 and epoch == fault_at_epoch and batch_index == 1 and not marker.exists():
+            marker.touch()
+            _log_event(events, event="fault", epoch=epoch)
             os._exit(1)
 
-    while trainer.epoch < cfg.train.epochs:
-        start = time.perf_counter()
+    def on_epoch(metrics: EpochMetrics) -> None:
         if rank == 0:
-            _log_event(events, event="epoch_start", epoch=trainer.epoch + 1)
-        train_loss, images_per_s = trainer.train_epoch(train_loader, on_batch=maybe_die)
-        trainer.epoch += 1
-        train_loss, val_loss = _mean_over_workers([train_loss, trainer.validate(val_loader)], world, device)
-        metrics = EpochMetrics(trainer.epoch, train_loss, val_loss, images_per_s * world,
-                               time.perf_counter() - start, trainer.step)
-        history = [h for h in history if h["epoch"] < trainer.epoch] + [metrics.__dict__]
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                state = trainer.state_dict()
-                state["history"] = json.dumps(history)
-                torch.save(state, Path(folder) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-                _log_event(events, event="epoch_end", epoch=trainer.epoch, train_loss=train_loss,
-                           val_loss=val_loss)
-                _track_epoch(loop_config.get("mlflow"), metrics)
-            ray.train.report(metrics.__dict__, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"epoch_{trainer.epoch:03d}")
+            _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
+                       val_loss=metrics.val_loss)
+            _track_epoch(loop_config.get("mlflow"), metrics)
+        ray.train.report(asdict(metrics))
+
+    fit(cfg, paths, device=ray.train.torch.get_device(), progress=False, on_epoch=on_epoch,
+        on_batch=on_batch if fault_at_epoch else None)
 
 
 def ray_run_name(paths: RunPaths) -> str:
@@ -240,56 +166,37 @@ def ray_run_name(paths: RunPaths) -> str:
 
 
 def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
-                   tracking: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Train with `train.num_workers` Ray Train workers; a rerun on the same run folder resumes.
+                   tracking: dict[str, str] | None = None, fault_at_epoch: int = 0) -> list[dict[str, Any]]:
+    """`fit` on `train.num_workers` Ray Train workers; resumes from the run folder like the in-process path.
 
-    Afterwards the run folder looks exactly as after single-process training (checkpoints, history, model).
     `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
+    `fault_at_epoch` is for tests only: rank 0's process dies once during that epoch.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray()
-    storage = (paths.unet / "ray").resolve()
+    storage = (paths.root / ".ray").resolve()  # Ray's run state and events, beside the run's own files
     name = ray_run_name(paths)
     use_gpu = _use_gpu(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": str(paths.data.resolve()),
-                           "events": str(_events_path(storage, name)), "mlflow": tracking},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()),
+                           "events": str(_events_path(storage, name)), "mlflow": tracking,
+                           "fault_at_epoch": fault_at_epoch},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-        ),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     if progress:
         print(f"Ray Train: {cfg.train.num_workers} workers ({'GPU' if use_gpu else 'CPU'}), run {name}, "
               f"storage {storage}", flush=True)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: see {storage / name}")
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return _export_ray_result(paths, state)
-
-
-def _export_ray_result(paths: RunPaths, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Put the final Ray checkpoint where the single-process stages keep theirs."""
-    history = json.loads(state.pop("history"))
-    epoch_file = paths.checkpoints / f"epoch_{state['epoch']:03d}.pt"
-    save_checkpoint(state, epoch_file)
-    copy_checkpoint(epoch_file, paths.checkpoints / "last.pt")
-    export_model(state, paths.model)
-    paths.history.write_text(json.dumps(history, indent=2))
-    plot_loss_curves(history, paths.loss_png)
-    return history
+    trainer.fit()
+    return json.loads(paths.history.read_text())
 
 
 class SamplerActor:
-    """Loads the trained model once, then generates shards of images on request."""
+    """Loads the trained model once, then computes shards of images on request."""
 
     def __init__(self, model_path: str, config: dict[str, Any], threads: int = 1):
         from ddpm.diffusion import GaussianDiffusion
@@ -301,15 +208,14 @@ class SamplerActor:
         self.model, _ = load_model(Path(model_path), device)
         self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion).to(device)
 
-    def sample(self, start: int, count: int, out: str, progress_actor=None) -> tuple[str, int]:
+    def sample(self, shard: Shard, out: str, progress_actor=None) -> str:
+        from ddpm.generate import sample_shard
+
         def report(n: int) -> None:
             if progress_actor is not None:
                 progress_actor.add.remote(n)
 
-        images, labels = sample_images(self.model, self.diffusion, self.cfg.sample, start, count,
-                                       on_batch=report)
-        write_samples(Path(out), start, images, labels)
-        return out, count
+        return str(sample_shard(self.model, self.diffusion, self.cfg, shard, Path(out), on_batch=report))
 
 
 class ProgressCounter:
@@ -326,49 +232,33 @@ class ProgressCounter:
 
 
 def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> Path:
-    """`sample.num_actors` actors (one GPU each where GPUs exist) share the fixed batches of images."""
-    import ray
-    from ray.util import ActorPool
-    from tqdm.auto import tqdm
+    """The sampling stage with its shards computed by Ray actors: one per GPU, else `sample.num_actors`.
 
-    from ddpm.diffusion import GaussianDiffusion
-    from ddpm.generate import read_samples
-    from ddpm.training import load_model
+    Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
 
-    init_ray()
-    s = cfg.sample
-    gpus = cluster_gpus()
-    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    num_actors = gpus if gpus else s.num_actors  # one actor per GPU; on CPU the configured count
-    # Several shards per actor: finer progress and load balance; shard edges stay on batch boundaries.
-    shards = plan_shards(s.num_samples, s.batch_size, num_actors * 4)
-    shard_dir = paths.samples.parent / "shards"
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    actor_cls = ray.remote(**resources)(SamplerActor)
-    actors = [actor_cls.remote(str(paths.model.resolve()), cfg.to_dict()) for _ in range(num_actors)]
-    pool = ActorPool(actors)
-    jobs = pool.map_unordered(
-        lambda actor, shard: actor.sample.remote(
-            shard.start, shard.count, str((shard_dir / f"shard_{shard.index:05d}.parquet").resolve()), counter),
-        shards,
-    )
-    bar = tqdm(total=s.num_samples, desc=f"sampling on {num_actors} Ray actors", unit="img",
-               disable=not progress)
-    paths_done = []
-    for out, _ in jobs:
-        paths_done.append(Path(out))
-        bar.n = ray.get(counter.get.remote())
-        bar.refresh()
-    bar.n = s.num_samples
-    bar.close()
-    for actor in actors:
-        ray.kill(actor)
-    combine_shards(sorted(paths_done), paths.samples)
-    images, _ = read_samples(paths.samples)
-    save_grid(images[:100], paths.samples_png, nrow=10)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(paths.model, device)
-    animate(cfg, paths, model, GaussianDiffusion.from_config(cfg.diffusion).to(device))
-    return paths.samples
+    def run_shards(cfg: Config, paths: RunPaths, shards: list[Shard], folder: Path) -> None:
+        import ray
+        from ray.util import ActorPool
+        from tqdm.auto import tqdm
+
+        init_ray()
+        gpus = cluster_gpus()
+        resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        n = gpus or cfg.sample.num_actors
+        counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        actor_cls = ray.remote(**resources)(SamplerActor)
+        actors = [actor_cls.remote(str(paths.model.resolve()), cfg.to_dict()) for _ in range(n)]
+        jobs = ActorPool(actors).map_unordered(
+            lambda actor, shard: actor.sample.remote(shard, str(stages.shard_file(folder, shard).resolve()),
+                                                     counter), shards)
+        with tqdm(total=cfg.sample.num_samples, desc=f"sampling on {n} Ray actors", unit="img",
+                  disable=not progress) as bar:
+            for _ in jobs:
+                bar.n = ray.get(counter.get.remote())
+                bar.refresh()
+            bar.n = cfg.sample.num_samples
+        for actor in actors:
+            ray.kill(actor)
+
+    # Several shards per actor (finer progress, load balance); how many never changes the images.
+    return stages.sample(cfg, paths, progress=progress, run_shards=run_shards, parallelism=cfg.sample.num_actors)

@@ -12,10 +12,8 @@ and so does a task retry after a crash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,50 +23,19 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
-from ddpm.config import Config, load_config
-from ddpm.data import prepare_dataset, prepared_ok
+from ddpm.checkpoints import write_text
+from ddpm.config import Config, ConfigError, load_config
+from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
-from ddpm.stages import RunPaths
-from flows.tracking import Tracker, tracking_uri, ui_hint
-
-DATA_FORMAT = 1  # bump when the prepared dataset's layout changes: invalidates cached data
-
-
-def _key(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def data_key(cfg: Config) -> str:
-    return _key({"format": DATA_FORMAT, "split_seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction})
-
-
-def lenet_key(cfg: Config) -> str:
-    return _key({"data": data_key(cfg), "classifier": cfg.classifier.__dict__})
-
-
-def _link(link: Path, target: Path) -> None:
-    if link.is_symlink() or link.exists():
-        if link.resolve() == target.resolve():
-            return
-        link.unlink() if link.is_symlink() else shutil.rmtree(link)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
-
-def _deterministic_errors() -> tuple[type[BaseException], ...]:
-    from ddpm.classifier import AccuracyTooLowError
-    from ddpm.config import ConfigError
-    from ddpm.data import DataError
-    from ddpm.training import CheckpointError, NonFiniteLossError
-
-    return ConfigError, DataError, CheckpointError, NonFiniteLossError, AccuracyTooLowError
+from ddpm.run_folder import RunPaths, commit_config
+from flows.tracking import PROMOTION_POLICIES, Tracker, tracking_uri, ui_hint
 
 
 def transient(task, task_run, state) -> bool:
     """Retry only what may pass on a second try (a lost worker, a busy server), not bad data or configs."""
     try:
         state.result()
-    except _deterministic_errors():
+    except UserError:
         return False
     except Exception:
         return True
@@ -93,48 +60,33 @@ class Stage:
       cache_policy=NO_CACHE)
 def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
     with Stage(tracker, "data") as run_id:
-        cached_dir = cache / f"data-{data_key(cfg)}"
-        cached = prepared_ok(cached_dir)
-        if not cached:
-            prepare_dataset(cached_dir, cfg.data, progress=True)  # atomic: all or nothing
-        manifest = json.loads((cached_dir / "manifest.json").read_text())
-        _link(paths.data, cached_dir)
-        tracker.tag(run_id, {"cached": cached, "data_key": data_key(cfg)})
+        manifest = stages.prepare_data(cfg, paths, cache=cache, progress=True)
+        tracker.tag(run_id, {"cached": manifest["reused"], "data_key": manifest["data_key"]})
         tracker.params(run_id, {f"md5.{name}": md5 for name, md5 in manifest.get("source_md5", {}).items()})
         tracker.metrics(run_id, {f"count_{split}": n for split, n in manifest["counts"].items()})
         tracker.json_artifact(run_id, "manifest.json", manifest)
-        get_run_logger().info("data %s: %s", "reused from cache" if cached else "prepared", cached_dir)
-        return {"cached": cached, "manifest": manifest}
+        get_run_logger().info("data %s: %s", "reused from cache" if manifest["reused"] else "prepared",
+                              paths.data.resolve())
+        return manifest
 
 
 @task(name="train-lenet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
       cache_policy=NO_CACHE)
 def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
-    from ddpm.classifier import load_lenet
-
     with Stage(tracker, "train-lenet") as run_id:
-        cached_path = cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt"
-        cached = cached_path.exists() and load_lenet(cached_path)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
-        if cached:
-            paths.lenet.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cached_path, paths.lenet)
-        else:
-            stages.train_classifier(cfg, paths, progress=True)  # raises (caching nothing) if accuracy is too low
-            cached_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(paths.lenet, cached_path.with_suffix(".tmp"))
-            cached_path.with_suffix(".tmp").replace(cached_path)
-        _, metrics = load_lenet(paths.lenet)
+        metrics = stages.train_classifier(cfg, paths, cache=cache, progress=True)
         version = "unregistered"
         if cfg.tracking.register_models:
             version = tracker.register_lenet(run_id, paths.lenet, metrics["evaluator_id"], metrics["test_accuracy"])
-        tracker.tag(run_id, {"cached": cached, "evaluator_id": metrics["evaluator_id"],
+        tracker.tag(run_id, {"cached": metrics["reused"], "evaluator_id": metrics["evaluator_id"],
                              "evaluator_version": version})
         tracker.params(run_id, {"lenet_parameters": count_parameters(LeNet5())})
         tracker.metrics(run_id, {"test_accuracy": metrics["test_accuracy"], "val_accuracy": metrics["val_accuracy"]})
         tracker.artifact(run_id, paths.lenet, "checkpoints")
-        get_run_logger().info("LeNet %s: test accuracy %.4f, evaluator %s (v%s)", "reused" if cached else "trained",
-                              metrics["test_accuracy"], metrics["evaluator_id"], version)
-        return {**metrics, "cached": cached, "evaluator_version": version}
+        get_run_logger().info("LeNet %s: test accuracy %.4f, evaluator %s (v%s)",
+                              "reused" if metrics["reused"] else "trained", metrics["test_accuracy"],
+                              metrics["evaluator_id"], version)
+        return {**metrics, "evaluator_version": version}
 
 
 @task(name="train-unet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
@@ -207,11 +159,9 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
             tracker.metrics(target, flat)
             tracker.tag(target, tags)
-        tracker.artifact(run_id, paths.evaluation)
-        tracker.artifact(run_id, paths.histogram_png)
-        tracker.artifact(run_id, paths.samples_png)
-        (paths.root / "evaluation.md").write_text(evaluation_markdown(result, {}))
-        tracker.artifact(run_id, paths.root / "evaluation.md")
+        write_text(paths.evaluation_md, evaluation_markdown(result, {}))
+        for path in (paths.evaluation, paths.evaluation_md, paths.histogram_png, paths.samples_png):
+            tracker.artifact(run_id, path)
         return result
 
 
@@ -226,10 +176,7 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
             "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
             "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
         })
-        if promotion == "never":
-            decision = {"promoted": False, "reason": "promotion disabled for this run", "version": version}
-        else:
-            decision = tracker.promote_if_better(version, fld, evaluator_id)
+        decision = tracker.decide_promotion(version, fld, evaluator_id, promotion)
         tracker.json_artifact(run_id, "promotion.json", decision)
         tracker.tag(tracker.parent_id, {"unet_version": version, "promoted": decision["promoted"],
                                         "promotion_reason": decision["reason"]})
@@ -256,20 +203,22 @@ def mnist_ddpm(
     from prefect.runtime import flow_run
 
     cfg = load_config(profile, config_file, overrides or {})
+    if promotion not in PROMOTION_POLICIES:  # before any compute, not at the end
+        raise ConfigError(f"promotion={promotion!r}: use one of {', '.join(PROMOTION_POLICIES)}")
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
     paths = RunPaths(runs / run_name)
-    stages.save_config(cfg, paths)
     uri = tracking_uri(cfg.tracking.mlflow_uri, runs)
     tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
         "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": str(flow_run.get_id()),
     })
     tracker.params(tracker.parent_id, cfg.flat())
-    tracker.artifact(tracker.parent_id, paths.config)
+    tracker.json_artifact(tracker.parent_id, "config.json", cfg.to_dict())
     print(f"run folder: {paths.root}\nMLflow: {ui_hint(uri)}")
     try:
         cache = runs / "cache"
         prepare_data_task(cfg, paths, cache, tracker)
+        commit_config(cfg, paths)  # the run folder exists from here on; a rerun with run_name resumes it
         lenet = train_lenet_task(cfg, paths, cache, tracker)
         train_unet_task(cfg, paths, tracker)
         sample_task(cfg, paths, tracker)

@@ -23,10 +23,13 @@ import mlflow
 import mlflow.pyfunc
 from mlflow.tracking import MlflowClient
 
+from ddpm.config import ConfigError
+
 UNET_MODEL = "mnist-ddpm-unet"
 LENET_MODEL = "mnist-lenet"
 CHAMPION = "champion"
 EVALUATOR_ALIAS = "evaluator"
+PROMOTION_POLICIES = ("if_better", "never")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars per artifact flood the flow log
 PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency inference takes >10 s
 
@@ -91,15 +94,16 @@ class UNetSampler(mlflow.pyfunc.PythonModel):
         import torch
 
         from ddpm.generate import run_sampler
-        from ddpm.sampling import PerImageNoise, to_uint8
+        from ddpm.pixels import model_to_uint8
+        from ddpm.sampling import PerImageNoise
 
         seeds = [int(s) for s in model_input["seed"]]
         labels = None
         if self.cfg.unet.num_classes and "label" in model_input:
             labels = torch.tensor([int(v) for v in model_input["label"]])
         noise = PerImageNoise(seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size))
-        images = run_sampler(self.model, self.diffusion, self.cfg.sample, noise, labels).images
-        return to_uint8(images).reshape(len(seeds), -1).numpy()
+        images = run_sampler(self.model, self.diffusion, self.cfg, noise, labels).images
+        return model_to_uint8(images).reshape(len(seeds), -1).numpy()
 
 
 class LeNetClassifier(mlflow.pyfunc.PythonModel):
@@ -209,11 +213,16 @@ class Tracker:
             return None
         return {"version": str(mv.version), **mv.tags}
 
-    def promote_if_better(self, version: str, fld: float, evaluator_id: str) -> dict[str, Any]:
-        """Move `champion` to `version` when no champion exists or it beats the champion's FLD under the same
-        evaluator; otherwise leave it and say why."""
+    def decide_promotion(self, version: str, fld: float, evaluator_id: str, policy: str = "if_better"
+                         ) -> dict[str, Any]:
+        """Under policy `if_better`, move `champion` to `version` when no champion exists or it beats the
+        champion's FLD under the same evaluator; under `never`, leave it. Either way, record why."""
+        if policy not in PROMOTION_POLICIES:
+            raise ConfigError(f"promotion={policy!r}: use one of {', '.join(PROMOTION_POLICIES)}")
         current = self.champion()
-        if current is None:
+        if policy == "never":
+            promote, reason = False, "promotion disabled for this run (promotion=never)"
+        elif current is None:
             promote, reason = True, "no champion yet"
         elif current.get("evaluator_id") != evaluator_id:
             promote, reason = False, (

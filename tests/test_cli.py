@@ -30,7 +30,8 @@ def test_model_summary_follows_overrides():
 
 def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     run = tmp_path / "run"
-    for stage in (["data", "--profile", "smoke", "--mirror", str(mirror)], ["train"], ["sample"], ["evaluate"]):
+    for stage in (["data", "--profile", "smoke", "--mirror", str(mirror)], ["train-classifier"], ["train"],
+                  ["sample"], ["evaluate"]):
         result = ddpm(*stage, "--out", str(run), "--quiet")
         assert result.returncode == 0, f"{stage}: {result.stderr[-2000:]}"
     config = json.loads((run / "config.json").read_text())
@@ -44,10 +45,57 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     assert evaluation["counts"]["generated"] == 64
     assert sum(evaluation["label_histogram"]["generated"]) == 64
     assert 0 <= evaluation["label_imbalance_tv"] <= 1
+    check_trained_keys_are_refused(run)
+
+
+def check_trained_keys_are_refused(run):
+    """What a checkpoint fixes (architecture, schedule) cannot be changed by --set: a one-line refusal naming
+    the key, nothing in the run folder touched. The free sampling knobs stay free."""
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refusals = [("sample", "diffusion.timesteps=10"), ("sample", "diffusion.schedule=linear"),
+                ("sample", "diffusion.timesteps=50"), ("sample", "unet.base_channels=16"),
+                ("train", "unet.base_channels=16"), ("train", "diffusion.cosine_s=0.1")]
+    code = "\n".join(["import sys", "from flows.cli import main", "codes = []"] + [
+        f"codes.append(main([{stage!r}, '--out', {str(run)!r}, '--set', {override!r}, '--quiet']))"
+        for stage, override in refusals] + ["print(codes)"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.stdout.strip() == str([2] * len(refusals)), result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(refusals), lines  # one line each
+    for (_, override), line in zip(refusals, lines, strict=True):
+        key = override.split("=")[0]
+        assert line.startswith(f"error: {key}=") and "contradicts the trained model" in line, line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # Free knobs: another sampler and fewer images work on the same model, and are recorded on success.
+    result = ddpm("sample", "--out", str(run), "--set", "sample.sampler=dpm++2m", "--set", "sample.num_samples=8",
+                  "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["sample"]["sampler"] == "dpm++2m" and config["diffusion"]["timesteps"] == 20
+
+
+def test_failed_stage_leaves_the_run_folder_as_it_was(tmp_path, mirror, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["data", "--out", str(run), "--profile", "smoke", "--mirror", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "bad" in capsys.readouterr().err
+    assert not (run / "config.json").exists()
+    # The fix the message suggests works, because the bad mirror was not saved into config.json.
+    monkeypatch.setenv("MNIST_MIRROR", str(mirror))
+    assert main(["data", "--out", str(run), "--profile", "smoke", "--quiet"]) == 0
+    saved = (run / "config.json").read_bytes()
+    assert json.loads(saved)["data"]["mirror"] is None
+    # A failing stage on the now complete folder changes nothing either.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["data", "--out", str(run), "--mirror", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert main(["evaluate", "--out", str(run), "--quiet"]) == 2
+    assert "ddpm train-classifier --out RUN_DIR" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--out", "{run}", "--set", "train.epochs=0"], "train needs epochs >= 1"),
+    (["train", "--out", "{run}", "--set", "train.epochs=0"], "train.epochs=0 must be >= 1"),
+    (["train", "--out", "{run}", "--set", "train.batch_size=33", "--workers", "2"],
+     "train.batch_size=33 is the global batch and must be a multiple of train.num_workers=2"),
     (["train", "--out", "{run}", "--set", "nope.key=1"], "unknown config section 'nope'"),
     (["train", "--out", "{run}", "--set", "train.epoch=1"], "unknown config key 'train.epoch'"),
     (["train", "--out", "{run}", "--set", "train.lr=fast"], "train.lr='fast' is not a valid float"),
@@ -55,7 +103,7 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     (["train", "--out", "{run}", "--profile", "smoke", "--set", "unet.base_channels=10"],
      "unet.base_channels=10 is not divisible by unet.groups=4"),
     (["sample", "--out", "{run}", "--profile", "smoke"], "ddpm train --out RUN_DIR"),
-    (["evaluate", "--out", "{run}", "--profile", "smoke"], "ddpm data --out RUN_DIR"),
+    (["evaluate", "--out", "{run}", "--profile", "smoke"], "ddpm train-classifier --out RUN_DIR"),
     (["data", "--out", "{run}", "--mirror", "{run}/no-such-folder"], "no-such-folder"),
     (["train"], "needs --out RUN_DIR"),
 ])

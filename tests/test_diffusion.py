@@ -148,7 +148,9 @@ def test_training_loss_basics():
     loss.backward()
     assert model.c.grad is not None
     _, t, labels = model.calls[-1]
-    assert labels is None  # unconditional model never sees labels
+    assert torch.equal(labels, torch.zeros(4096, dtype=torch.long))  # labels pass through as given
+    d.training_loss(model, x0, generator=torch.Generator())
+    assert model.calls[-1][2] is None  # no labels: unconditional
     assert t.dtype == torch.long and t.min() == 0 and t.max() == 99  # uniform over 0..T-1, both ends reached
     l1 = d.training_loss(model, x0, loss="l1")
     assert l1.item() == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)  # E|noise|
@@ -169,7 +171,9 @@ def test_training_loss_label_dropout():
     labels = torch.arange(10).repeat(400)
     d.training_loss(model, torch.zeros(4000, 1, 1, 1), labels=labels, p_uncond=0.0)
     assert torch.equal(model.calls[-1][2], labels)
-    d.training_loss(model, torch.zeros(4000, 1, 1, 1), labels=labels, p_uncond=0.25)
+    with pytest.raises(ValueError, match="null_label"):
+        d.training_loss(model, torch.zeros(4000, 1, 1, 1), labels=labels, p_uncond=0.25)
+    d.training_loss(model, torch.zeros(4000, 1, 1, 1), labels=labels, null_label=10, p_uncond=0.25)
     seen = model.calls[-1][2]
     dropped = seen == 10
     assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)

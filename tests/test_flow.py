@@ -148,10 +148,11 @@ def test_loaded_registered_unet_generates_digits(runs):
 
 def test_failed_stage_fails_the_run_without_pointless_retries(tmp_path, mirror):
     """A deterministic failure (LeNet below the accuracy bar) is not retried, marks the MLflow runs FAILED and
-    caches nothing, while the weights it produced are kept in the run folder."""
+    caches nothing; the refused evaluator is not saved, so no later stage can pick it up."""
     from ddpm.classifier import AccuracyTooLowError
     from ddpm.config import load_config
-    from flows.pipeline import lenet_key, mnist_ddpm
+    from ddpm.stages import lenet_key
+    from flows.pipeline import mnist_ddpm
 
     overrides = {"data.mirror": str(mirror), "classifier.min_accuracy": "0.9999"}
     state = mnist_ddpm(profile="smoke", runs_dir=str(tmp_path), run_name="bad", overrides=overrides,
@@ -164,6 +165,6 @@ def test_failed_stage_fails_the_run_without_pointless_retries(tmp_path, mirror):
     lenet_runs = [r for r in runs if r.info.run_name == "train-lenet"]
     assert len(lenet_runs) == 1 and lenet_runs[0].info.status == "FAILED"  # one attempt: not retried
     assert [r.info.status for r in runs if r.info.run_name == "bad"] == ["FAILED"]
-    assert (tmp_path / "bad" / "classifier" / "lenet.pt").is_file()
+    assert not (tmp_path / "bad" / "classifier" / "lenet.pt").exists()
     cache = tmp_path / "cache" / f"lenet-{lenet_key(load_config('smoke', overrides=overrides))}"
     assert not (cache / "lenet.pt").exists()

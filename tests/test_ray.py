@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
 from ddpm.config import load_config
 from ddpm.generate import read_samples
 from ddpm.stages import RunPaths
-from ddpm.training import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,14 @@ def smoke(**overrides):
 def epoch_events(paths: RunPaths):
     from flows.distributed import ray_run_name, read_events
 
-    events = read_events((paths.unet / "ray").resolve(), ray_run_name(paths))
+    events = read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
     return [(e["event"], e.get("epoch", e.get("resumed_after_epoch"))) for e in events]
+
+
+def layout(paths: RunPaths) -> set[str]:
+    """The run folder's files, without hidden entries (Ray's own run state lives in .ray/)."""
+    return {str(p.relative_to(paths.root)) for p in paths.root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(paths.root).parts)}
 
 
 def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_run):
@@ -42,16 +48,14 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     paths = RunPaths(smoke_run)
     history = train_with_ray(smoke(**{"train.epochs": 2}), paths, progress=False)
     assert [h["epoch"] for h in history] == [1, 2]
-    assert epoch_events(paths) == [("start", 0), ("epoch_start", 1), ("epoch_end", 1),
-                                   ("epoch_start", 2), ("epoch_end", 2)]
-    checkpoints = sorted(p.name for p in (paths.unet / "ray").glob("unet-*/epoch_*"))
-    assert checkpoints == ["epoch_001", "epoch_002"]
+    assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
 
-    # Same run name, one more epoch: continues at epoch 3 from the epoch-2 checkpoint.
+    # Same run folder, one more epoch: continues at epoch 3 from the epoch-2 checkpoint.
     history = train_with_ray(smoke(**{"train.epochs": 3}), paths, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert epoch_events(paths)[5:] == [("start", 2), ("epoch_start", 3), ("epoch_end", 3)]
-    state = load_checkpoint(paths.checkpoints / "last.pt")
+    assert epoch_events(paths)[3:] == [("start", 2), ("epoch_end", 3)]
+    state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
     assert state["epoch"] == 3 and state["step"] == 3 * (256 // 32)
     assert paths.model.is_file() and paths.loss_png.is_file()
 
@@ -60,36 +64,81 @@ def test_worker_death_restarts_from_last_checkpoint(ray_local, smoke_run):
     from flows.distributed import train_with_ray
 
     paths = RunPaths(smoke_run)
-    history = train_with_ray(smoke(**{"train.epochs": 3, "train.fail_at_epoch": 2}), paths, progress=False)
+    history = train_with_ray(smoke(**{"train.epochs": 3}), paths, progress=False, fault_at_epoch=2)
     assert epoch_events(paths) == [
-        ("start", 0), ("epoch_start", 1), ("epoch_end", 1),
-        ("epoch_start", 2), ("fault", 2),
-        ("start", 1), ("epoch_start", 2), ("epoch_end", 2),  # restarted from the epoch-1 checkpoint
-        ("epoch_start", 3), ("epoch_end", 3),
+        ("start", 0), ("epoch_end", 1), ("fault", 2),
+        ("start", 1), ("epoch_end", 2),  # restarted from the epoch-1 checkpoint
+        ("epoch_end", 3),
     ]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert load_checkpoint(paths.checkpoints / "last.pt")["step"] == 3 * (256 // 32)
+    assert load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")["step"] == 3 * (256 // 32)
+
+
+def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, prepared_data):
+    """In-process epoch 1 -> Ray epoch 2 -> in-process epoch 3 continues one run, and leaves exactly the files
+    an in-process run of 3 epochs leaves."""
+    from ddpm.stages import train_unet
+    from flows.distributed import train_with_ray
+
+    def folder(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").symlink_to(prepared_data, target_is_directory=True)
+        return RunPaths(tmp_path / name)
+
+    def cfg(epochs, workers):
+        return smoke(**{"train.epochs": epochs, "train.num_workers": workers, "train.max_train_images": 64,
+                        "train.max_val_images": 32})
+
+    mixed, plain = folder("mixed"), folder("plain")
+    train_unet(cfg(1, 1), mixed, progress=False)
+    train_with_ray(cfg(2, 2), mixed, progress=False)
+    assert epoch_events(mixed) == [("start", 1), ("epoch_end", 2)]
+    history = train_unet(cfg(3, 1), mixed, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert load_checkpoint(mixed.last_checkpoint, (TRAINING_STATE,), "")["step"] == 3 * (64 // 32)
+
+    train_unet(cfg(3, 1), plain, progress=False)
+    assert layout(mixed) == layout(plain)
+    assert {"unet/checkpoints/epoch_003.pt", "unet/checkpoints/last.pt", "unet/history.json", "unet/model.pt",
+            "loss_curves.png"} <= layout(plain)
+
+
+def test_conditional_unet_on_two_workers_sees_its_labels(ray_local, smoke_run):
+    """Through DDP the trainer still passes labels: every digit's embedding row is trained; with p_uncond=0
+    the null label's row is not. (Before, the DDP wrapper hid num_classes and only the null row trained.)"""
+    import torch
+
+    from ddpm.training import DiffusionTrainer
+    from flows.distributed import train_with_ray
+
+    paths = RunPaths(smoke_run)
+    cfg = smoke(**{"train.epochs": 1, "unet.num_classes": 10, "train.p_uncond": 0.0})
+    train_with_ray(cfg, paths, progress=False)
+    trained = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")["model"]
+    init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
+    moved = (trained["label_embed.weight"] - init["label_embed.weight"]).abs().sum(dim=1)
+    assert (moved[:10] > 0).all() and moved[10] == 0
 
 
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
-    from ddpm.stages import train_unet
+    from ddpm.stages import sample, train_unet
     from flows.distributed import sample_with_ray
 
     paths = RunPaths(smoke_run)
     train_unet(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     results = {}
-    for actors in (1, 2):
-        cfg = load_config("smoke", overrides={"sample.num_actors": actors, "sample.num_samples": 40,
+    for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
+        cfg = load_config("smoke", overrides={"sample.num_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
-        sample_with_ray(cfg, paths, progress=False)
+        sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
         results[actors] = read_samples(paths.samples)
+        assert [p.name for p in paths.samples.parent.iterdir()] == ["samples.parquet"]  # no shards left behind
     images1, labels1 = results[1]
-    images2, labels2 = results[2]
     assert images1.shape == (40, 28, 28) and images1.dtype == np.uint8
-    assert images1.tobytes() == images2.tobytes()
-    assert np.array_equal(labels1, labels2)
+    for actors in (0, 2):
+        assert results[actors][0].tobytes() == images1.tobytes()
+        assert np.array_equal(results[actors][1], labels1)
     assert len(np.unique(images1.reshape(40, -1), axis=0)) == 40  # different seeds, different images
-    assert len(list((paths.samples.parent / "shards").glob("*.parquet"))) == 5  # 40 images / 8 per batch
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):
@@ -100,20 +149,3 @@ def test_local_ray_listens_on_loopback_only(ray_local):
     sockets = listeners_of(descendants(os.getpid()) - {os.getpid()})
     assert sockets, "found no listening sockets of the local Ray"
     assert [s for s in sockets if not is_loopback(s[1])] == []
-
-
-def test_resume_prefers_the_newest_persisted_checkpoint(tmp_path):
-    """A checkpoint on disk that the controller had not registered yet (the worker died right after reporting)
-    is still used; a truncated one is skipped for the one before it."""
-    import torch
-
-    from flows.distributed import CHECKPOINT_FILE, _resume_state
-
-    for epoch in (1, 2, 3):
-        (tmp_path / f"epoch_{epoch:03d}").mkdir()
-        torch.save({"epoch": epoch, "history": "[]"}, tmp_path / f"epoch_{epoch:03d}" / CHECKPOINT_FILE)
-    assert _resume_state(None, tmp_path)["epoch"] == 3
-    newest = tmp_path / "epoch_003" / CHECKPOINT_FILE
-    newest.write_bytes(newest.read_bytes()[:30])
-    assert _resume_state(None, tmp_path)["epoch"] == 2
-    assert _resume_state(None, tmp_path / "empty") is None

@@ -17,7 +17,6 @@ from ddpm.sampling import (
     ddpm_sample,
     guided_eps,
     image_seeds,
-    to_uint8,
 )
 
 SHAPE = (1, 8, 8)
@@ -106,8 +105,8 @@ def test_same_images_in_one_batch_or_two(sampler):
         noise = PerImageNoise(image_seeds(42, start, count), SHAPE)
         lab = labels[start : start + count]
         if sampler == "ddpm":
-            return ddpm_sample(model, d, noise, labels=lab, **kwargs)
-        return ddim_sample(model, d, noise, steps=10, eta=0.5, labels=lab, **kwargs)
+            return ddpm_sample(model, d, noise, labels=lab, null_label=10, **kwargs)
+        return ddim_sample(model, d, noise, steps=10, eta=0.5, labels=lab, null_label=10, **kwargs)
 
     whole, parts = run(0, 8), [run(0, 4), run(4, 4)]
     torch.testing.assert_close(whole.images, torch.cat([p.images for p in parts]), atol=1e-6, rtol=0)
@@ -247,7 +246,7 @@ def test_guided_eps_formula():
         (-0.5, 1.5 - 0.5 * cond),
     ]:
         model = LabelEcho()
-        eps = guided_eps(model, x, t, labels, w)
+        eps = guided_eps(model, x, t, labels, w, null_label=10)
         torch.testing.assert_close(eps, torch.as_tensor(expected).expand_as(x))
         assert len(model.calls) == 1  # one forward, batched when both halves are needed
     assert torch.equal(model.calls[0], torch.tensor([0, 4, 9, 10, 10, 10]))
@@ -256,10 +255,10 @@ def test_guided_eps_formula():
 def test_guided_eps_unconditional_paths():
     x, t = torch.zeros(2, *SHAPE), torch.zeros(2, dtype=torch.long)
     model = LabelEcho()
-    assert (guided_eps(model, x, t, None, 3.0) == -1).all()  # conditional model without labels
-    uncond = LabelEcho(num_classes=0)
-    assert (guided_eps(uncond, x, t, torch.tensor([1, 2]), 3.0) == -1).all()  # labels ignored
-    assert model.calls == [None] and uncond.calls == [None]
+    assert (guided_eps(model, x, t, None, 3.0, null_label=10) == -1).all()  # no labels: the plain call
+    assert model.calls == [None]
+    with pytest.raises(ValueError, match="null_label"):  # guidance needs the null label from the caller
+        guided_eps(model, x, t, torch.tensor([1, 2]), 3.0)
 
 
 # --- frames, clipping, modes --------------------------------------------------------------------------------
@@ -316,8 +315,14 @@ def test_eval_mode_restored_and_labels_checked():
         ddpm_sample(model, diffusion(), PerImageNoise([1, 2], SHAPE), labels=torch.tensor([1]))
 
 
-def test_to_uint8():
+def test_pixel_conversions_round_trip():
+    from ddpm.pixels import model_to_uint8, model_to_unit, uint8_to_model
+
     x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0])
-    out = to_uint8(x)
+    out = model_to_uint8(x)
     assert out.dtype == torch.uint8
     assert out.tolist() == [0, 0, 0, 128, 191, 255, 255]
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(model_to_uint8(uint8_to_model(every)), every)  # exact round trip of every pixel value
+    assert uint8_to_model(every).min() == -1 and uint8_to_model(every).max() == 1
+    torch.testing.assert_close(model_to_unit(uint8_to_model(every)), every.float() / 255)

@@ -8,22 +8,33 @@ import pickle
 import pytest
 import torch
 
-from ddpm.config import load_config
+from ddpm.checkpoints import LENET, TRAINING_STATE, UNET, CheckpointError, load_checkpoint
+from ddpm.config import ConfigError, load_config
 from ddpm.stages import RunPaths, train_unet
 from ddpm.training import (
     EMA,
-    CheckpointError,
     DiffusionTrainer,
     NonFiniteLossError,
     fit,
-    load_checkpoint,
     load_model,
+    load_training_state,
     make_loader,
 )
 
 
 def smoke(**overrides):
     return load_config("smoke", overrides={"train.epochs": 2, **overrides})
+
+
+def run_folder(tmp_path, prepared_data, name):
+    root = tmp_path / name
+    root.mkdir()
+    (root / "data").symlink_to(prepared_data, target_is_directory=True)
+    return RunPaths(root)
+
+
+def state_of(path):
+    return load_checkpoint(path, (TRAINING_STATE,), "")
 
 
 def test_fit_writes_checkpoints_history_and_model(smoke_run):
@@ -40,38 +51,62 @@ def test_fit_writes_checkpoints_history_and_model(smoke_run):
     assert loaded_cfg.unet == cfg.unet
     assert not model.training
     # The exported weights are the EMA weights of the last checkpoint.
-    state = load_checkpoint(paths.checkpoints / "last.pt")
+    state = state_of(paths.last_checkpoint)
     assert state["epoch"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["ema"][key])
 
 
 def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, prepared_data):
-    straight, split = tmp_path / "a", tmp_path / "b"
-    fit(smoke(**{"train.epochs": 3}), prepared_data, straight, progress=False)
-    fit(smoke(**{"train.epochs": 2}), prepared_data, split, progress=False)
-    history = fit(smoke(**{"train.epochs": 3}), prepared_data, split, progress=False)
+    straight, split = run_folder(tmp_path, prepared_data, "a"), run_folder(tmp_path, prepared_data, "b")
+    fit(smoke(**{"train.epochs": 3}), straight, progress=False)
+    fit(smoke(**{"train.epochs": 2}), split, progress=False)
+    history = fit(smoke(**{"train.epochs": 3}), split, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(split / "checkpoints" / "last.pt")
+    assert json.loads(split.history.read_text()) == history
+    a, b = state_of(straight.last_checkpoint), state_of(split.last_checkpoint)
     assert a["step"] == b["step"]
     # Same data order, timesteps and noise after resume: the weights agree to float tolerance.
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
 
 
+def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, prepared_data):
+    paths = run_folder(tmp_path, prepared_data, "r")
+    fit(smoke(**{"train.epochs": 1}), paths, progress=False)
+    before = paths.last_checkpoint.read_bytes()
+    for key, value in (("unet.base_channels", 16), ("diffusion.timesteps", 30), ("diffusion.schedule", "linear")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            fit(smoke(**{"train.epochs": 2, key: value}), paths, progress=False)
+    assert paths.last_checkpoint.read_bytes() == before
+
+
+def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, prepared_data):
+    """Rows of the label embedding move only if their labels reached the network; p_uncond=0 leaves the null
+    label's row untouched. (A model trained only on its null label would show the opposite.)"""
+    paths = run_folder(tmp_path, prepared_data, "c")
+    cfg = smoke(**{"train.epochs": 1, "unet.num_classes": 10, "train.p_uncond": 0.0})
+    fit(cfg, paths, progress=False)
+    trained = state_of(paths.last_checkpoint)["model"]
+    init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
+    (key,) = [k for k in trained if "label" in k and k.endswith("weight")]
+    moved = (trained[key] - init[key]).abs().sum(dim=1)
+    assert (moved[:10] > 0).all() and moved[10] == 0
+
+
 def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, prepared_data):
     cfg = smoke(**{"train.epochs": 2})
-    fit(load_config("smoke", overrides={"train.epochs": 1}), prepared_data, tmp_path, progress=False)
+    paths = run_folder(tmp_path, prepared_data, "n")
+    fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     trainer = DiffusionTrainer(cfg, torch.device("cpu"))
-    trainer.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "last.pt"))
+    trainer.load_state_dict(load_training_state(paths))
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
     x = torch.zeros(8, 1, 28, 28)
     loader = make_loader(x, torch.zeros(8, dtype=torch.long), 4, shuffle=True, seed=0)
     with pytest.raises(NonFiniteLossError, match="train.lr"):
         trainer.train_epoch(loader)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert state_of(paths.last_checkpoint)["epoch"] == 1
 
 
 def test_ema_tracks_weights_with_warmup():
@@ -96,7 +131,7 @@ def test_ema_weights_forget_the_initialisation_in_short_runs(smoke_run):
     cfg = smoke(**{"train.epochs": 2, "train.ema_decay": 0.999})
     paths = RunPaths(smoke_run)
     train_unet(cfg, paths, progress=False)
-    state = load_checkpoint(paths.checkpoints / "last.pt")
+    state = state_of(paths.last_checkpoint)
     init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
     for key, raw in state["model"].items():
         if raw.dtype.is_floating_point and raw.numel() > 100:
@@ -105,13 +140,17 @@ def test_ema_weights_forget_the_initialisation_in_short_runs(smoke_run):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="does not exist: run this"):
+        load_checkpoint(tmp_path / "missing.pt", (UNET,), "run this")
     truncated = tmp_path / "truncated.pt"
-    torch.save({"model": {}, "config": {}}, truncated)
+    torch.save({"kind": UNET, "model": {}, "config": {}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(truncated)
+        load_checkpoint(truncated, (UNET,), "")
+    lenet = tmp_path / "lenet.pt"
+    torch.save({"kind": LENET, "model": {}}, lenet)
+    with pytest.raises(CheckpointError, match="is not a mnist-ddpm-unet file"):  # the kind is checked
+        load_model(lenet)
 
 
 class Evil:
@@ -119,10 +158,11 @@ class Evil:
         return (print, ("arbitrary code ran",))
 
 
-def test_checkpoints_load_with_weights_only(tmp_path):
+def test_checkpoints_load_with_weights_only(tmp_path, capsys):
     """A checkpoint that would run code when unpickled is refused, not executed."""
     path = tmp_path / "evil.pt"
     with path.open("wb") as f:
-        torch.save({"model": Evil(), "config": {}}, f, pickle_module=pickle)
+        torch.save({"kind": UNET, "model": Evil(), "config": {}}, f, pickle_module=pickle)
     with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(path)
+        load_checkpoint(path, (UNET,), "")
+    assert "arbitrary code ran" not in capsys.readouterr().out

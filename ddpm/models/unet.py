@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.config import UNetConfig
+from ddpm.config import UNetConfig, check_unet
 
 
 def sinusoidal_table(timesteps: int, dim: int, n: float = 10_000.0) -> Tensor:
@@ -99,57 +99,15 @@ def upsample(c_in: int, c_out: int) -> nn.Module:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1))
 
 
-BLOCKS = {"resblock": ResBlock, "convembed": ConvEmbed}
-
-
-def check_config(cfg: UNetConfig, timesteps: int) -> None:
-    """Raise a ValueError naming the config key (and the fix) for an architecture that cannot be built."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
-    need(cfg.block in BLOCKS, f"unet.block={cfg.block!r}: use one of {', '.join(map(repr, BLOCKS))}")
-    need(cfg.init in ("default", "flux"), f"unet.init={cfg.init!r}: use 'default' or 'flux'")
-    need(timesteps >= 1, f"diffusion.timesteps={timesteps} must be >= 1")
-    need(cfg.in_channels >= 1, f"unet.in_channels={cfg.in_channels} must be >= 1")
-    need(cfg.base_channels >= 1, f"unet.base_channels={cfg.base_channels} must be >= 1")
-    need(len(cfg.channel_multipliers) >= 1, "unet.channel_multipliers needs at least one level, e.g. (1, 2)")
-    need(
-        all(m >= 1 for m in cfg.channel_multipliers),
-        f"unet.channel_multipliers={tuple(cfg.channel_multipliers)} must all be >= 1",
-    )
-    need(cfg.blocks_per_level >= 1, f"unet.blocks_per_level={cfg.blocks_per_level} must be >= 1")
-    need(cfg.groups >= 1, f"unet.groups={cfg.groups} must be >= 1")
-    need(cfg.heads >= 1, f"unet.heads={cfg.heads} must be >= 1")
-    need(cfg.num_classes >= 0, f"unet.num_classes={cfg.num_classes} must be >= 0 (0 = unconditional)")
-    d, g = cfg.base_channels, cfg.groups
-    # Every width is d * multiplier, so this one check covers the GroupNorm of every level.
-    need(
-        d % g == 0,
-        f"unet.base_channels={d} is not divisible by unet.groups={g}: "
-        f"choose a multiple of {g} or change unet.groups",
-    )
-    middle = d * cfg.channel_multipliers[-1]
-    need(
-        not cfg.middle_attention or middle % cfg.heads == 0,
-        f"unet.heads={cfg.heads} does not divide the middle channels unet.base_channels * "
-        f"unet.channel_multipliers[-1] = {middle}: choose unet.heads dividing {middle} "
-        "or set unet.middle_attention=false",
-    )
-    factor = 2 ** (len(cfg.channel_multipliers) - 1)
-    need(
-        cfg.image_size >= factor and cfg.image_size % factor == 0,
-        f"unet.image_size={cfg.image_size} is not divisible by 2^(levels-1) = {factor} with "
-        f"{len(cfg.channel_multipliers)} unet.channel_multipliers: use fewer levels or a multiple of "
-        f"{factor}",
-    )
+BLOCK_CLASSES = {"resblock": ResBlock, "convembed": ConvEmbed}  # keys: ddpm.config.BLOCKS
 
 
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig, timesteps: int):
         super().__init__()
-        check_config(cfg, timesteps)
+        check_unet(cfg)  # the config module owns the rules; a hand-made UNetConfig is checked too
+        if timesteps < 1:
+            raise ValueError(f"timesteps={timesteps} must be >= 1")
         self.cfg, self.timesteps = cfg, timesteps
         self.num_classes = cfg.num_classes
         # The reserved label for classifier-free guidance: the last row of the label embedding.
@@ -160,7 +118,7 @@ class UNet(nn.Module):
         self.factor = 2 ** (levels - 1)
 
         def block(c_in: int, c_out: int) -> nn.Module:
-            return BLOCKS[cfg.block](c_in, c_out, emb_dim, cfg.groups)
+            return BLOCK_CLASSES[cfg.block](c_in, c_out, emb_dim, cfg.groups)
 
         # The original embeds straight to 4d (not d) before the MLP; that is part of its 403,409.
         self.time_embed = nn.Sequential(

@@ -1,0 +1,81 @@
+"""Files that must never be half-written, and checkpoints that must never run code.
+
+Every file a stage leaves in a run folder is written here: to a temporary name beside it, then renamed, so a
+crash leaves the old file or the new one, never a truncated one. Checkpoints are plain dicts of tensors and
+numbers with a `kind` field; they load with `torch.load(weights_only=True)`, which refuses pickled code, and a
+file of another kind is refused with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.errors import UserError
+
+TRAINING_STATE = "mnist-ddpm-unet-checkpoint"  # unet/checkpoints/*.pt: weights, EMA, optimizer, counters
+UNET = "mnist-ddpm-unet"  # unet/model.pt: the sampling weights and the config that builds them
+LENET = "mnist-ddpm-lenet"  # classifier/lenet.pt: the evaluator's weights and metrics
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, unreadable, or not the kind of file expected."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` to a temporary name beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden, unique, same folder (so the rename is atomic), same suffix (so writers that go by it still work).
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def copy_file(source: Path, target: Path) -> Path:
+    return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
+    if "kind" not in state:
+        raise ValueError("a checkpoint needs a `kind` field")
+    return write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, kinds: tuple[str, ...], missing_hint: str) -> dict[str, Any]:
+    """The dict saved at `path`, if it is one of `kinds`. `missing_hint` says which command makes the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {missing_hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle with disallowed globals, not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read ({first}): delete it and rerun the stage that made it") \
+            from None
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in kinds:
+        raise CheckpointError(
+            f"{path} is not a {' or '.join(kinds)} file (kind: {kind!r}): point at the file the stage wrote"
+        )
+    return state

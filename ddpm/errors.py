@@ -1,0 +1,10 @@
+"""The one base class for errors a user can fix.
+
+Every error the library raises for bad input (a config value, a data file, a checkpoint, a diverged run)
+derives from `UserError`, and its message names the problem and the fix. The CLI prints such an error in one
+line and exits 2; the flow does not retry it. Anything else is a bug or a transient fault.
+"""
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message says which input and how."""

@@ -1,0 +1,70 @@
+"""What a run folder holds, where, and how it changes.
+
+A run folder holds one run: each stage reads what earlier stages wrote there and adds its own part, so the
+stages can run one by one (`ddpm data --out R`, `ddpm train --out R`, ...) or from the Prefect flow, and both
+leave the same files:
+
+    R/config.json                     the config of the last stage that succeeded
+    R/data/                           train/val/test Parquet + manifest.json
+    R/classifier/lenet.pt             the LeNet evaluator (+ metrics)
+    R/unet/checkpoints/epoch_NNN.pt   one training checkpoint per epoch; last.pt is a copy of the newest
+    R/unet/history.json               per-epoch losses and throughput
+    R/unet/model.pt                   the sampling (EMA) weights and the config that built them
+    R/samples/samples.parquet         generated images (uint8) with their index and label
+    R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png
+    R/evaluation.json, R/evaluation.md
+
+Files are written atomically (ddpm.checkpoints), and `config.json` only after a stage succeeds, so a stage that
+fails leaves the folder as it was, apart from finished work it keeps on purpose (completed epochs' checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm.checkpoints import write_text
+from ddpm.config import Config, ConfigError, config_from_dict
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.json")
+    data = property(lambda self: self.root / "data")
+    lenet = property(lambda self: self.root / "classifier" / "lenet.pt")
+    unet = property(lambda self: self.root / "unet")
+    checkpoints = property(lambda self: self.root / "unet" / "checkpoints")
+    last_checkpoint = property(lambda self: self.root / "unet" / "checkpoints" / "last.pt")
+    history = property(lambda self: self.root / "unet" / "history.json")
+    model = property(lambda self: self.root / "unet" / "model.pt")
+    samples = property(lambda self: self.root / "samples" / "samples.parquet")
+    samples_png = property(lambda self: self.root / "samples.png")
+    animation = property(lambda self: self.root / "reverse_process.gif")
+    loss_png = property(lambda self: self.root / "loss_curves.png")
+    histogram_png = property(lambda self: self.root / "label_histogram.png")
+    evaluation = property(lambda self: self.root / "evaluation.json")
+    evaluation_md = property(lambda self: self.root / "evaluation.md")
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.pt"
+
+
+def commit_config(cfg: Config, paths: RunPaths) -> None:
+    """Record the config of a stage that succeeded (never before: a failed stage must not change the run)."""
+    write_text(paths.config, cfg.to_json())
+
+
+def read_config(paths: RunPaths) -> Config | None:
+    """The run's saved config, or None for a new folder."""
+    if not paths.config.is_file():
+        return None
+    try:
+        return config_from_dict(json.loads(paths.config.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{paths.config} is unreadable ({exc}): fix or delete it, or pass --profile") from None

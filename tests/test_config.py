@@ -1,0 +1,77 @@
+"""Config resolution as unit tests: override coercion, one message per wrong key, trained sections."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddpm.config import Config, ConfigError, load_config, parse_overrides, with_trained
+from ddpm.generate import Shard, plan_shards
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("train.epochs", "3", 3),
+    ("train.epochs", "1_000", 1000),
+    ("train.lr", "5e-4", 5e-4),
+    ("train.bf16", "no", False),
+    ("train.bf16", "On", True),
+    ("unet.channel_multipliers", "(1, 2)", (1, 2)),
+    ("unet.channel_multipliers", "1,2,3", (1, 2, 3)),
+    ("data.mirror", "none", None),
+    ("data.mirror", "/some/folder", "/some/folder"),
+    ("sample.sampler", "ddim", "ddim"),
+])
+def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
+    section, name = key.split(".")
+    value = getattr(getattr(load_config("smoke", overrides={key: text}), section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("train.epochs", "2.5", "train.epochs='2.5' is not a valid int"),
+    ("train.bf16", "maybe", "train.bf16='maybe' is not a valid bool"),
+    ("train.lr", "0", "train.lr=0.0 must be > 0"),
+    ("train.batch_size", "0", "train.batch_size=0 must be >= 1"),
+    ("sample.num_actors", "0", "sample.num_actors=0 must be >= 1"),
+    ("sample.ddim_steps", "21", "sample.ddim_steps=21 must be in [1, diffusion.timesteps=20]"),
+])
+def test_each_wrong_value_is_named_alone(key, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", overrides={key: text})
+    assert message in str(err.value)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a.b=1", " c.d = x=y "]) == {"a.b": "1", "c.d": "x=y"}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_with_trained_takes_the_checkpoint_and_refuses_explicit_contradictions():
+    trained = load_config("smoke")
+    asked = load_config("gpu", overrides={"sample.num_samples": "7", "sample.ddim_steps": "10"})
+    merged = with_trained(asked, trained, set(), "model.pt")
+    assert merged.unet == trained.unet and merged.diffusion == trained.diffusion
+    assert merged.sample.num_samples == 7 and merged.train == asked.train  # free sections stay as asked
+    with pytest.raises(ConfigError, match=r"diffusion.timesteps=100 contradicts the trained model in model.pt"):
+        with_trained(asked, trained, {"diffusion.timesteps"}, "model.pt")
+    with_trained(load_config("smoke"), trained, {"diffusion.timesteps"}, "model.pt")  # agreeing is fine
+    assert isinstance(merged, Config)
+
+
+@pytest.mark.parametrize("num, batch, shards", [(40, 8, 1), (40, 8, 2), (40, 8, 5), (40, 8, 9), (41, 8, 3),
+                                                (1, 500, 4), (10_000, 500, 8)])
+def test_plan_shards_covers_every_image_once_on_batch_boundaries(num, batch, shards):
+    plan = plan_shards(num, batch, shards)
+    assert [s.index for s in plan] == list(range(len(plan)))
+    assert plan[0].start == 0 and sum(s.count for s in plan) == num
+    for a, b in zip(plan, plan[1:], strict=False):
+        assert b.start == a.start + a.count
+    assert all(s.start % batch == 0 and s.count > 0 for s in plan)
+    batches = -(-num // batch)
+    assert len(plan) == min(shards, batches)
+    sizes = [-(-s.count // batch) for s in plan]  # batches per shard: as even as possible
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_plan_shards_example():
+    assert plan_shards(20, 8, 2) == [Shard(0, 0, 16), Shard(1, 16, 4)]
