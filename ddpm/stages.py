@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.checkpoints import copy_file, write_json
+from ddpm.checkpoints import copy_file, write_json, write_text
 from ddpm.classifier import load_lenet, train_lenet
 from ddpm.config import Config, with_trained
 from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import UserError
 from ddpm.generate import Shard, combine_shards, labels_for, plan_shards, read_samples, run_sampler, sample_shard
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
 from ddpm.metrics import (
@@ -150,6 +151,25 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
     return paths.samples
 
 
+def sample_digit(cfg: Config, paths: RunPaths, digit: int, count: int = 64) -> Path:
+    """A grid of `count` images of one digit from a conditional model, with `sample.guidance_scale`:
+    R/digit_<d>.png. The run's samples are not touched."""
+    device = resolve_device(cfg.train.device)
+    model, trained = load_model(paths.model, device)
+    cfg = with_trained(cfg, trained, set(), str(paths.model))
+    if cfg.unet.num_classes <= 0:
+        raise UserError(f"{paths.model} is unconditional: --digit needs a model trained with unet.num_classes=10")
+    if not 0 <= digit < cfg.unet.num_classes:
+        raise UserError(f"--digit {digit} must be in 0..{cfg.unet.num_classes - 1}")
+    if count < 1:
+        raise UserError(f"--count {count} must be >= 1")
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
+    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
+    noise = PerImageNoise(image_seeds(cfg.sample.seed, 0, count), shape)
+    images = run_sampler(model, diffusion, cfg, noise, torch.full((count,), digit)).images
+    return save_grid(images, paths.root / f"digit_{digit}.png", nrow=min(count, 8))
+
+
 def shard_file(folder: Path, shard: Shard) -> Path:
     return folder / f"shard_{shard.index:05d}.parquet"
 
@@ -209,5 +229,25 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
                     "guidance_scale": cfg.sample.guidance_scale},
     }
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
+    write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result
+
+
+def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
+    """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
+    fld = result["fld"]
+    rows = [
+        "| set | FLD vs test |", "| --- | ---: |",
+        *(f"| {name.replace('_vs_test', '').replace('_', ' ')} | {value:.3f} |" for name, value in fld.items()),
+    ]
+    gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
+    return "\n".join([
+        "# mnist-ddpm evaluation", "", *rows, "",
+        f"- class-mean distance: generated {result['class_mean_distance']['generated']:.3f}, "
+        f"test {result['class_mean_distance']['test']:.3f}",
+        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}",
+        f"- generated label histogram: {gen}", f"- test label histogram: {test}",
+        f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy {result['lenet']['test_accuracy']:.4f})",
+        "", *(f"- {name}: {link}" for name, link in (links or {}).items() if link),
+    ])

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images (Ray actors with --workers N > 1)")
     _common(p)
     p.add_argument("--workers", type=int, help="Ray sampling actors (sample.num_actors)")
+    p.add_argument("--digit", type=int, help="conditional models: write R/digit_<D>.png, a grid of digit D only")
+    p.add_argument("--count", type=int, default=64, help="images in the --digit grid (default 64)")
     _common(sub.add_parser("evaluate", help="FLD, class-mean distance, label histogram -> evaluation.json"))
     p = sub.add_parser("pipeline", help="the whole pipeline: the Prefect flow, embedded (what `make run` runs)")
     _common(p)
@@ -87,7 +89,8 @@ def cmd_model_summary(cfg: Config) -> None:
     print(summary_table(LeNet5(), "LeNet-5"))
 
 
-def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool) -> object:
+def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
+              args_digit: tuple[int, int] | None = None) -> object:
     """Run one stage; only when it succeeds is the config it ran with recorded in the run folder."""
     from ddpm import stages
     from ddpm.run_folder import commit_config
@@ -103,6 +106,8 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool) -> objec
         result = train_with_ray(cfg, paths, progress=progress)[-1]
     elif command == "train":
         result = stages.train_unet(cfg, paths, progress=progress)[-1]
+    elif command == "sample" and args_digit is not None:
+        result = str(stages.sample_digit(cfg, paths, args_digit[0], args_digit[1]))
     elif command == "sample" and cfg.sample.num_actors > 1:
         from flows.distributed import sample_with_ray
 
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out:
                 raise ConfigError(f"`ddpm {args.command}` needs --out RUN_DIR (the run folder the stages share)")
             cfg = resolve_config(args, Path(args.out))
-            result = run_stage(args.command, cfg, Path(args.out), not args.quiet)
+            digit = (args.digit, args.count) if getattr(args, "digit", None) is not None else None
+            result = run_stage(args.command, cfg, Path(args.out), not args.quiet, digit)
             print(json.dumps(result, indent=2, default=str))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

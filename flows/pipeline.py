@@ -23,7 +23,6 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
-from ddpm.checkpoints import write_text
 from ddpm.config import Config, ConfigError, load_config
 from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
@@ -128,24 +127,6 @@ def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
         return str(paths.samples)
 
 
-def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None]) -> str:
-    fld = result["fld"]
-    rows = [
-        "| set | FLD vs test |", "| --- | ---: |",
-        *(f"| {name.replace('_vs_test', '').replace('_', ' ')} | {value:.3f} |" for name, value in fld.items()),
-    ]
-    gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
-    return "\n".join([
-        "# mnist-ddpm evaluation", "", *rows, "",
-        f"- class-mean distance: generated {result['class_mean_distance']['generated']:.3f}, "
-        f"test {result['class_mean_distance']['test']:.3f}",
-        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}",
-        f"- generated label histogram: {gen}", f"- test label histogram: {test}",
-        f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy {result['lenet']['test_accuracy']:.4f})",
-        "", *(f"- {name}: {link}" for name, link in links.items() if link),
-    ])
-
-
 @task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
       cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_version: str) -> dict[str, Any]:
@@ -159,7 +140,6 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
             tracker.metrics(target, flat)
             tracker.tag(target, tags)
-        write_text(paths.evaluation_md, evaluation_markdown(result, {}))
         for path in (paths.evaluation, paths.evaluation_md, paths.histogram_png, paths.samples_png):
             tracker.artifact(run_id, path)
         return result
@@ -232,7 +212,7 @@ def mnist_ddpm(
         raise
     tracker.end(tracker.parent_id)
     links = {"MLflow run": tracker.url(), "MLflow UI": ui_hint(uri) if not tracker.url() else None}
-    create_markdown_artifact(evaluation_markdown(result, links), key="evaluation",
+    create_markdown_artifact(stages.evaluation_markdown(result, links), key="evaluation",
                              description=f"mnist-ddpm run {run_name}")
     if tracker.url():
         create_link_artifact(tracker.url(), link_text=f"MLflow run {run_name}", key="mlflow-run")

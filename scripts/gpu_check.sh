@@ -14,6 +14,7 @@ RUN="$OUT/run"
 rm -rf "$RUN"
 start=$(date +%s)
 ddpm data --profile smoke --out "$RUN" --quiet
+ddpm train-classifier --out "$RUN" --quiet
 ddpm train --out "$RUN" --set train.device=cuda --quiet                       # in-process, bf16 autocast
 rm -rf "$RUN/unet"
 ddpm train --out "$RUN" --workers 1 --set train.use_gpu=true --quiet          # Ray Train, use_gpu (NCCL backend)

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from flows.cli import main
 
@@ -38,7 +40,7 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     assert config["profile"] == "smoke"  # later stages kept the run's config
     for name in ("data/manifest.json", "classifier/lenet.pt", "unet/model.pt", "unet/checkpoints/epoch_002.pt",
                  "samples/samples.parquet", "samples.png", "reverse_process.gif", "evaluation.json",
-                 "loss_curves.png", "label_histogram.png"):
+                 "loss_curves.png", "label_histogram.png", "evaluation.md"):
         assert (run / name).is_file(), name
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert set(evaluation["fld"]) == {"generated_vs_test", "test_vs_test", "train_vs_test", "uniform_noise_vs_test"}
@@ -134,3 +136,30 @@ def test_library_imports_no_orchestration_packages():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_guidance_end_to_end_with_a_digit_grid(smoke_run, capsys):
+    """A conditional U-Net trained with label dropout samples a balanced set with guidance, and one digit on
+    request; an unconditional one refuses --digit."""
+    from ddpm.generate import read_samples
+
+    run = str(smoke_run)
+    common = ["--out", run, "--quiet"]
+    assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", "--set", "unet.num_classes=10",
+                 "--set", "train.p_uncond=0.2", *common]) == 0
+    assert main(["sample", "--set", "sample.guidance_scale=2", "--set", "sample.num_samples=40",
+                 "--set", "sample.sampler=dpm++2m", *common]) == 0
+    _, labels = read_samples(smoke_run / "samples" / "samples.parquet")
+    assert np.bincount(labels, minlength=10).tolist() == [4] * 10  # balanced by design
+    assert main(["sample", "--digit", "7", "--count", "8", *common]) == 0
+    grid = smoke_run / "digit_7.png"
+    assert grid.is_file() and Image.open(grid).size[0] > Image.open(grid).size[1]  # 8 in a row
+    assert main(["sample", "--digit", "10", *common]) == 2
+    assert "--digit 10 must be in 0..9" in capsys.readouterr().err
+
+    uncond = smoke_run.parent / "uncond"
+    uncond.mkdir()
+    (uncond / "data").symlink_to((smoke_run / "data").resolve(), target_is_directory=True)
+    assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", "--out", str(uncond), "--quiet"]) == 0
+    assert main(["sample", "--digit", "3", "--out", str(uncond), "--quiet"]) == 2
+    assert "unconditional" in capsys.readouterr().err

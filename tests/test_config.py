@@ -75,3 +75,18 @@ def test_plan_shards_covers_every_image_once_on_batch_boundaries(num, batch, sha
 
 def test_plan_shards_example():
     assert plan_shards(20, 8, 2) == [Shard(0, 0, 16), Shard(1, 16, 4)]
+
+
+def test_profiles_say_what_they_are():
+    from ddpm.models import build_unet, count_parameters
+
+    original = load_config("original")
+    assert (original.unet.init, original.train.ema_decay, original.train.grad_clip, original.train.weight_decay,
+            original.train.lr, original.train.batch_size, original.diffusion.timesteps, original.train.epochs,
+            original.sample.sampler, original.sample.num_samples) == \
+        ("flux", 0.0, 0.0, 0.0, 1e-3, 32, 100, 15, "ddpm", 10_000)
+    assert count_parameters(build_unet(original.unet, original.diffusion.timesteps)) == 403_409
+    for name in ("cpu", "gpu", "original"):  # every real profile makes the pipeline's 10,000 samples
+        assert load_config(name).sample.num_samples == 10_000
+    cpu = load_config("cpu")
+    assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == (1, 1, "dpm++2m")

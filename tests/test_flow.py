@@ -68,7 +68,7 @@ def test_first_run_tracks_everything(runs):
     assert [m.step for m in client.get_metric_history(train_run, "images_per_s")] == [1, 2]
     from flows.distributed import read_events
 
-    ends = [e["time"] for e in read_events(root / "first" / "unet" / "ray", "unet-first") if e["event"] == "epoch_end"]
+    ends = [e["time"] for e in read_events(root / "first" / ".ray", "unet-first") if e["event"] == "epoch_end"]
     assert losses[0].timestamp / 1000 <= ends[1]  # epoch 1 reached MLflow before epoch 2 ended: live, not backfilled
     assert {"loss_curves.png", "history.json", "checkpoints/model.pt", "checkpoints/last.pt"} <= \
         artifact_paths(client, stages["train-unet"].info.run_id)
@@ -125,7 +125,7 @@ def test_rerun_with_same_name_resumes_unet(runs):
     client = MlflowClient(resumed["tracking_uri"])
     stage = children(client, resumed["mlflow_run_id"])["train-unet"]
     assert sorted(m.step for m in client.get_metric_history(stage.info.run_id, "train_loss")) == [1, 2, 3]
-    events = read_events(root / "first" / "unet" / "ray", "unet-first")
+    events = read_events(root / "first" / ".ray", "unet-first")
     starts = [e["resumed_after_epoch"] for e in events if e["event"] == "start"]
     assert starts == [0, 2]
     assert [e["epoch"] for e in events if e["event"] == "epoch_end"] == [1, 2, 3]
