@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -363,6 +364,8 @@ def _at_least(section: Any, name: str, key: str, bound: int | float) -> None:
 def validate(cfg: Config) -> None:
     """Every rule a config must meet, each checked once and reported with its key and the fix."""
     u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
+    for key, value in cfg.flat().items():
+        _check(not isinstance(value, float) or math.isfinite(value), f"{key}={value} must be a finite number")
     check_unet(u)
     _check(d.schedule in SCHEDULES, f"diffusion.schedule={d.schedule!r}: use one of {', '.join(SCHEDULES)}")
     _check(d.loss in LOSSES, f"diffusion.loss={d.loss!r}: use one of {', '.join(LOSSES)}")
@@ -386,6 +389,11 @@ def validate(cfg: Config) -> None:
     _check(1 <= s.ddim_steps <= d.timesteps,
            f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]")
     _check(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
+    _check(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (0: unconditional, "
+                                  "1: conditional, > 1: guided)")
+    _at_least(cfg.classifier, "classifier", "batch_size", 1)
+    _at_least(cfg.classifier, "classifier", "epochs", 1)
+    _at_least(cfg.eval, "eval", "batch_size", 1)
     _check(0 < cfg.classifier.min_accuracy <= 1,
            f"classifier.min_accuracy={cfg.classifier.min_accuracy} must be in (0, 1]")
 

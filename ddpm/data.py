@@ -66,8 +66,9 @@ def resolve_mirror(configured: str | None) -> Path | None:
             path = Path(value).expanduser()
             # An explicit setting that is wrong fails loudly instead of silently falling back to a download.
             if not path.is_dir():
+                what = "is a file, not a folder" if path.exists() else "does not exist"
                 raise DataError(
-                    f"MNIST mirror folder {path} (from {source}) does not exist; point {source} at a folder "
+                    f"MNIST mirror folder {path} (from {source}) {what}; point {source} at a folder "
                     "holding the four MNIST .gz files, or unset it to use ../shared/data/mnist or a download"
                 )
             return path
@@ -223,6 +224,7 @@ def prepare_dataset(out_dir: Path, cfg: DataConfig, progress: bool = True) -> di
         "test": ("test", np.arange(len(mnist["test_images"]))),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     tmp = _sibling(out_dir, "tmp")
     tmp.mkdir()
     try:
@@ -259,8 +261,27 @@ def _replaceable(out_dir: Path) -> bool:
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:
-    """A hidden, unique name next to out_dir: same filesystem, so renames between them are atomic."""
-    return out_dir.parent / f".{out_dir.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    """A hidden, unique name next to out_dir: same filesystem, so renames between them are atomic. It carries
+    the writer's pid, so that a later run can tell a killed writer's leftovers from a live writer's work."""
+    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temp folders of earlier writers that died (SIGTERM, a crash) before they could clean up."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = leftover.name.split("-")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:

@@ -243,8 +243,12 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     trainer = DiffusionTrainer(cfg, device, rank=rank, world_size=world)
     if state is not None:
         trainer.load_state_dict(state)
+        saved_lr = trainer.optimizer.param_groups[0]["lr"]
+        for group in trainer.optimizer.param_groups:  # the saved optimizer state brings its own rate: the config's wins
+            group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         if progress and rank == 0:
-            print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}", flush=True)
+            change = f"; train.lr {saved_lr:g} -> {cfg.train.lr:g} from here on" if saved_lr != cfg.train.lr else ""
+            print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}{change}", flush=True)
     (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
     pin = device.type == "cuda"

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.out:
                 raise ConfigError(f"`ddpm {args.command}` needs --out RUN_DIR (the run folder the stages share)")
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ConfigError(f"--out {args.out} is a file: give a run folder (new or existing)")
             cfg = resolve_config(args, Path(args.out))
             digit = (args.digit, args.count) if getattr(args, "digit", None) is not None else None
             result = run_stage(args.command, cfg, Path(args.out), not args.quiet, digit)
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Finished work is on disk already (atomic files, one checkpoint per epoch); rerunning resumes it.
+        print("interrupted: completed stages and epochs are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
     finally:
         if "ray" in sys.modules:  # a stage used Ray: stop the local one cleanly, leaving no stray workers
             from flows.distributed import shutdown_ray

@@ -1,0 +1,92 @@
+"""Bad input is refused in one line that names the key or file, before any work, leaving the run as it was."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.cli import main
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sample.guidance_scale=-1", "sample.guidance_scale=-1.0 must be >= 0"),
+    ("sample.guidance_scale=nan", "sample.guidance_scale=nan must be a finite number"),
+    ("train.lr=inf", "train.lr=inf must be a finite number"),
+    ("classifier.batch_size=0", "classifier.batch_size=0 must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+])
+def test_impossible_values_are_refused_by_key(tmp_path, capsys, override, message):
+    assert main(["train", "--profile", "smoke", "--out", str(tmp_path / "r"), "--set", override, "--quiet"]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_paths_are_named(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "--profile", "smoke", "--out", str(afile), "--quiet"]) == 2
+    assert f"--out {afile} is a file" in one_line_error(capsys)
+    assert main(["data", "--profile", "smoke", "--out", str(tmp_path / "r"), "--mirror", str(afile), "--quiet"]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+    run = tmp_path / "broken"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    assert main(["train", "--out", str(run), "--quiet"]) == 2
+    assert f"{run / 'config.json'} is unreadable" in one_line_error(capsys)
+    assert (run / "config.json").read_text() == "{not json"
+
+
+def test_resume_applies_a_new_learning_rate(smoke_run):
+    from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
+    from ddpm.config import load_config
+    from ddpm.run_folder import RunPaths
+    from ddpm.training import fit
+
+    paths = RunPaths(smoke_run)
+    fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
+    fit(load_config("smoke", overrides={"train.epochs": 2, "train.lr": 2e-4}), paths, progress=False)
+    state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2e-4]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_but_a_live_ones_kept(tmp_path, mirror):
+    from ddpm.config import DataConfig
+    from ddpm.data import prepare_dataset
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".data.tmp-{dead.pid}-deadbeef"
+    live = tmp_path / f".data.tmp-{os.getpid()}-cafebabe"
+    for folder in (leftover, live):
+        folder.mkdir()
+        (folder / "train.parquet").write_bytes(b"half")
+    prepare_dataset(tmp_path / "data", DataConfig(mirror=str(mirror)), progress=False)
+    assert not leftover.exists() and live.exists()
+
+
+def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, mirror):
+    """SIGINT while `ddpm data` writes: exit 130, one line, no temp folder left."""
+    run = tmp_path / "r"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "data", "--profile", "smoke", "--out", str(run),
+                                "--mirror", str(mirror), "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".r.tmp-*")) and not list(run.glob(".data.tmp-*")):
+        assert process.poll() is None and time.monotonic() < deadline, "data preparation never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert not list(run.glob(".data.tmp-*")) and not (run / "config.json").exists()
