@@ -108,7 +108,10 @@ def read_idx(path: Path, expected_md5: str | None, kind: str | None = None) -> n
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file is missing; {_FIX}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # unreadable (permissions), a folder, a vanished network mount
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); {_FIX}") from None
     if raw[:2] == b"\x1f\x8b":  # the gzip magic; anything else is taken as an uncompressed IDX file
         try:
             raw = gzip.decompress(raw)

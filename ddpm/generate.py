@@ -111,7 +111,14 @@ def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, 28, 28] and labels [N] from a samples Parquet file."""
     if not Path(path).is_file():
         raise UserError(f"no samples at {path}: run `ddpm sample --out RUN_DIR` first")
-    table = pq.read_table(path)
-    flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    side = int(round((len(flat) / max(len(table), 1)) ** 0.5))
-    return flat.reshape(len(table), side, side), table.column("label").to_numpy().astype(np.int64)
+    try:
+        table = pq.read_table(path, columns=["image", "label"])
+        flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        side = int(round((len(flat) / max(len(table), 1)) ** 0.5))
+        if flat.dtype != np.uint8 or side * side * len(table) != len(flat):
+            raise ValueError(f"expected uint8 square images, found {flat.dtype} x {len(flat)} values")
+        return flat.reshape(len(table), side, side), table.column("label").to_numpy().astype(np.int64)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a samples file of this project ({first}): rerun `ddpm sample --out "
+                        "RUN_DIR`") from None

@@ -11,7 +11,8 @@ leave the same files:
     R/unet/history.json               per-epoch losses and throughput
     R/unet/model.pt                   the sampling (EMA) weights and the config that built them
     R/samples/samples.parquet         generated images (uint8) with their index and label
-    R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png
+    R/samples/sampling.json           how they were made: sampler, steps, guidance, seconds
+    R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png, R/samples_by_digit.png
     R/evaluation.json, R/evaluation.md
 
 Files are written atomically (ddpm.checkpoints), and `config.json` only after a stage succeeds, so a stage that
@@ -44,10 +45,12 @@ class RunPaths:
     history = property(lambda self: self.root / "unet" / "history.json")
     model = property(lambda self: self.root / "unet" / "model.pt")
     samples = property(lambda self: self.root / "samples" / "samples.parquet")
+    sampling = property(lambda self: self.root / "samples" / "sampling.json")
     samples_png = property(lambda self: self.root / "samples.png")
     animation = property(lambda self: self.root / "reverse_process.gif")
     loss_png = property(lambda self: self.root / "loss_curves.png")
     histogram_png = property(lambda self: self.root / "label_histogram.png")
+    samples_by_digit_png = property(lambda self: self.root / "samples_by_digit.png")
     evaluation = property(lambda self: self.root / "evaluation.json")
     evaluation_md = property(lambda self: self.root / "evaluation.md")
 

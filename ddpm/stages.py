@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from ddpm.metrics import (
     frechet_lenet_distance,
     histogram_imbalance,
     label_histogram,
+    memorisation,
+    nearest_distances,
 )
 from ddpm.pixels import uint8_to_model
 from ddpm.run_folder import RunPaths
@@ -135,6 +138,7 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
     shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
     folder = paths.samples.parent / f".shards-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True)
+    start = time.perf_counter()
     try:
         if run_shards is not None:
             run_shards(cfg, paths, shards, folder)
@@ -145,6 +149,10 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
         combine_shards([shard_file(folder, shard) for shard in shards], paths.samples)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    write_json(paths.sampling, {"images": s.num_samples, "seconds": seconds, "images_per_s": s.num_samples / seconds,
+                                "sampler": s.sampler, "steps": s.ddim_steps if s.sampler != "ddpm" else
+                                cfg.diffusion.timesteps, "guidance_scale": s.guidance_scale, "shards": len(shards)})
     images, _ = read_samples(paths.samples)
     save_grid(images[:100], paths.samples_png, nrow=10)
     animate(cfg, paths, model, diffusion)
@@ -186,7 +194,9 @@ def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: Gau
 
 
 def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str, Any]:
-    """FLD of generated images against the test set, with the baselines beside it, and the label balance.
+    """The report: FLD and class-mean distance of the generated set beside test, train and uniform noise (FLD
+    also as a ratio to train-vs-test), the label balance, and a memorisation check. Writes evaluation.json,
+    evaluation.md, label_histogram.png and samples_by_digit.png.
 
     Needs the run's LeNet evaluator (`ddpm train-classifier`) and samples (`ddpm sample`); it trains nothing.
     """
@@ -194,60 +204,80 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     lenet, lenet_metrics = load_lenet(paths.lenet, device)
     gen_uint8, _ = read_samples(paths.samples)
     limit = cfg.eval.max_reference_images
-    test_x, test_y = load_split(paths.data, "test", limit=limit)
-    train_x, _ = load_split(paths.data, "train", limit=len(test_x), seed=1)
+    test_x, _ = load_split(paths.data, "test", limit=limit)
+    train_all, _ = load_split(paths.data, "train", limit=limit, seed=1)
+    train_x = train_all[:len(test_x)]
     generated = uint8_to_model(gen_uint8).unsqueeze(1)
     noise = torch.rand(len(test_x), *test_x.shape[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    def outputs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return extract_lenet_outputs(lenet, images, cfg.eval.batch_size, device, progress=progress)
-
-    test_f, test_pred = outputs(test_x)
-    gen_f, gen_pred = outputs(generated)
-    train_f, _ = outputs(train_x)
-    noise_f, _ = outputs(noise)
     means = class_means(paths.data, "test")
-    gen_hist, test_hist = label_histogram(gen_pred), label_histogram(test_pred)
+    sets = {"test": test_x, "train": train_x, "generated": generated, "uniform_noise": noise}
+    features, predicted, mean_distance = {}, {}, {}
+    for name, images in sets.items():
+        features[name], predicted[name] = extract_lenet_outputs(lenet, images, cfg.eval.batch_size, device,
+                                                                progress=progress)
+        mean_distance[name] = class_mean_distance(images, torch.from_numpy(predicted[name]), means)
+    fld = {f"{name}_vs_test": frechet_lenet_distance(features[name], features["test"])
+           for name in ("generated", "test", "train", "uniform_noise")}
+    gen_hist, test_hist = label_histogram(predicted["generated"]), label_histogram(predicted["test"])
+    shares = gen_hist / gen_hist.sum() / (test_hist / test_hist.sum())
     result = {
-        "fld": {
-            "generated_vs_test": frechet_lenet_distance(gen_f, test_f),
-            "test_vs_test": frechet_lenet_distance(test_f, test_f),
-            "train_vs_test": frechet_lenet_distance(train_f, test_f),
-            "uniform_noise_vs_test": frechet_lenet_distance(noise_f, test_f),
-        },
-        "class_mean_distance": {
-            "generated": class_mean_distance(generated, torch.from_numpy(gen_pred), means),
-            "test": class_mean_distance(test_x, torch.from_numpy(test_pred), means),
-        },
+        "fld": fld,
+        "fld_ratio_to_train": {name: value / fld["train_vs_test"] for name, value in fld.items()},
+        "class_mean_distance": mean_distance,
         "label_histogram": {"generated": gen_hist.tolist(), "test": test_hist.tolist()},
         "label_imbalance_tv": histogram_imbalance(gen_hist, test_hist),
+        "digit_share_max_deviation": float(np.abs(shares - 1).max()),  # 0.25: some digit off its share by 25%
+        "memorisation": memorisation(nearest_distances(generated, train_all), nearest_distances(test_x, train_all)),
         "lenet": {"test_accuracy": lenet_metrics["test_accuracy"],
                   "evaluator_id": lenet_metrics["evaluator_id"]},
-        "counts": {"generated": len(generated), "test": len(test_x), "train": len(train_x),
-                   "uniform_noise": len(noise)},
+        "counts": {name: len(images) for name, images in sets.items()} | {"memorisation_reference": len(train_all)},
         "sampler": {"name": cfg.sample.sampler, "ddim_steps": cfg.sample.ddim_steps, "eta": cfg.sample.eta,
-                    "guidance_scale": cfg.sample.guidance_scale},
+                    "guidance_scale": cfg.sample.guidance_scale, "conditional": cfg.unet.num_classes > 0},
     }
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
+    save_grid(digit_rows(gen_uint8, predicted["generated"]), paths.samples_by_digit_png, nrow=10)
     write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result
 
 
+def digit_rows(images: np.ndarray, labels: np.ndarray, per_digit: int = 10) -> np.ndarray:
+    """Ten rows, one per digit (as LeNet reads them), of the first `per_digit` images; blank where too few."""
+    rows = np.zeros((10, per_digit, *images.shape[1:]), dtype=np.uint8)
+    for digit in range(10):
+        found = images[labels == digit][:per_digit]
+        rows[digit, : len(found)] = found
+    return rows.reshape(-1, *images.shape[1:])
+
+
 def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
-    fld = result["fld"]
-    rows = [
-        "| set | FLD vs test |", "| --- | ---: |",
-        *(f"| {name.replace('_vs_test', '').replace('_', ' ')} | {value:.3f} |" for name, value in fld.items()),
-    ]
+    s, counts, m = result["sampler"], result["counts"], result["memorisation"]
+    sampler = f"{s['name']}" + (f", {s['ddim_steps']} steps" if s["name"] != "ddpm" else "") + \
+        (f", guidance {s['guidance_scale']:g}" if s.get("conditional") else "")
+    names = {"test": "test (vs itself)", "train": "train", "generated": f"generated ({sampler})",
+             "uniform_noise": "uniform noise"}
+    rows = ["| set | images | FLD vs test | FLD / train-vs-test | class-mean distance |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name, label in names.items():
+        rows.append(f"| {label} | {counts[name]:,} | {result['fld'][f'{name}_vs_test']:.3f} | "
+                    f"{result['fld_ratio_to_train'][f'{name}_vs_test']:.2f} | "
+                    f"{result['class_mean_distance'][name]:.3f} |")
     gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
+    shares = ["| digit | " + " | ".join(map(str, range(10))) + " |", "| --- |" + " ---: |" * 10,
+              "| generated | " + " | ".join(f"{g / sum(gen):.1%}" for g in gen) + " |",
+              "| test | " + " | ".join(f"{t / sum(test):.1%}" for t in test) + " |"]
     return "\n".join([
         "# mnist-ddpm evaluation", "", *rows, "",
-        f"- class-mean distance: generated {result['class_mean_distance']['generated']:.3f}, "
-        f"test {result['class_mean_distance']['test']:.3f}",
-        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}",
-        f"- generated label histogram: {gen}", f"- test label histogram: {test}",
-        f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy {result['lenet']['test_accuracy']:.4f})",
+        "## Digits (as the LeNet reads them)", "", *shares, "",
+        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}; largest relative "
+        f"deviation of a digit's share: {result['digit_share_max_deviation']:.1%}",
+        "", "## Memorisation", "",
+        f"- distance to the nearest of {counts['memorisation_reference']:,} training images (median): generated "
+        f"{m['generated_median_nn']:.2f}, held-out test images {m['heldout_median_nn']:.2f}",
+        f"- near-copies (closer than all but {m['heldout_share_below']:.0%} of test images, "
+        f"< {m['near_copy_threshold']:.2f}): {m['near_copy_share']:.2%} of generated images",
+        "", f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy "
+        f"{result['lenet']['test_accuracy']:.4f})",
         "", *(f"- {name}: {link}" for name, link in (links or {}).items() if link),
-    ])
+    ]) + "\n"

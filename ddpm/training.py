@@ -21,7 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from ddpm.checkpoints import TRAINING_STATE, UNET, copy_file, load_checkpoint, save_checkpoint, write_json
+from ddpm.checkpoints import (
+    TRAINING_STATE,
+    UNET,
+    CheckpointError,
+    copy_file,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from ddpm.config import Config, config_from_dict, with_trained
 from ddpm.data import load_split
 from ddpm.diffusion import GaussianDiffusion
@@ -209,8 +217,16 @@ def trained_config(paths: RunPaths) -> tuple[Config, str] | None:
     """The config a run's U-Net was trained with (model.pt, else the last checkpoint), and that file's path."""
     for path, kinds in ((paths.model, (UNET,)), (paths.last_checkpoint, (TRAINING_STATE,))):
         if path.exists():
-            return config_from_dict(load_checkpoint(path, kinds, "")["config"]), str(path)
+            return checkpoint_config(load_checkpoint(path, kinds, ""), path), str(path)
     return None
+
+
+def checkpoint_config(state: dict[str, Any], path) -> Config:
+    """The config saved in a checkpoint; an unusable one is reported with the checkpoint's name."""
+    try:
+        return config_from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no usable config ({exc}): retrain, or delete the file") from None
 
 
 def _sum_over_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
@@ -239,7 +255,7 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     state = load_training_state(paths)
     if state is not None:
         # The checkpoint fixes the architecture and the schedule: a different request is an error, not a crash.
-        with_trained(cfg, config_from_dict(state["config"]), None, str(paths.last_checkpoint))
+        with_trained(cfg, checkpoint_config(state, paths.last_checkpoint), None, str(paths.last_checkpoint))
     trainer = DiffusionTrainer(cfg, device, rank=rank, world_size=world)
     if state is not None:
         trainer.load_state_dict(state)
@@ -296,7 +312,7 @@ def export_model(state: dict[str, Any], paths: RunPaths) -> None:
 def load_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild a trained U-Net (eval mode) and the config it was trained with, from `model.pt`."""
     state = load_checkpoint(path, (UNET,), "train a model first with `ddpm train --out RUN_DIR`")
-    cfg = config_from_dict(state["config"])
+    cfg = checkpoint_config(state, path)
     model = build_unet(cfg.unet, cfg.diffusion.timesteps)
     try:
         model.load_state_dict(state["model"])

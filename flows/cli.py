@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="the whole pipeline: the Prefect flow, embedded (what `make run` runs)")
     _common(p)
     p.add_argument("--mirror", help="folder with the four gzipped IDX files")
+    p.add_argument("--guidance", type=float, help="train a digit-conditional U-Net and sample with this guidance")
     _common(sub.add_parser("model-summary", help="per-layer parameter table of the U-Net and LeNet-5"),
             needs_out=False)
     return parser
@@ -133,7 +134,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     load_config(args.profile, args.config_file, overrides)  # fail on a bad config before anything starts
     out = Path(args.out) if args.out else None
     mnist_ddpm(profile=args.profile, overrides=overrides, config_file=args.config_file,
-               run_name=out.name if out else None, runs_dir=str(out.parent) if out else None)
+               run_name=out.name if out else None, runs_dir=str(out.parent) if out else None,
+               guidance_scale=args.guidance)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracke
         tracker.params(run_id, {f"md5.{name}": md5 for name, md5 in manifest.get("source_md5", {}).items()})
         tracker.metrics(run_id, {f"count_{split}": n for split, n in manifest["counts"].items()})
         tracker.json_artifact(run_id, "manifest.json", manifest)
+        tracker.log_dataset(tracker.parent_id, manifest, paths.data.resolve())
         get_run_logger().info("data %s: %s", "reused from cache" if manifest["reused"] else "prepared",
                               paths.data.resolve())
         return manifest
@@ -133,15 +134,23 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
     with Stage(tracker, "evaluate") as run_id:
         result = stages.evaluate(cfg, paths, progress=True)
         flat = {f"fld_{k.replace('_vs_test', '')}": v for k, v in result["fld"].items()}
-        flat.update({"class_mean_distance": result["class_mean_distance"]["generated"],
+        flat.update({"fld_ratio_to_train": result["fld_ratio_to_train"]["generated_vs_test"],
+                     "class_mean_distance": result["class_mean_distance"]["generated"],
                      "label_imbalance_tv": result["label_imbalance_tv"],
+                     "digit_share_max_deviation": result["digit_share_max_deviation"],
+                     "near_copy_share": result["memorisation"]["near_copy_share"],
                      "lenet_test_accuracy": result["lenet"]["test_accuracy"]})
         tags = {"evaluator_id": result["lenet"]["evaluator_id"], "evaluator_version": evaluator_version}
         for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
             tracker.metrics(target, flat)
             tracker.tag(target, tags)
-        for path in (paths.evaluation, paths.evaluation_md, paths.histogram_png, paths.samples_png):
+        for path in (paths.evaluation, paths.evaluation_md, paths.histogram_png, paths.samples_png,
+                     paths.samples_by_digit_png):
             tracker.artifact(run_id, path)
+        # The pictures on the parent run too, under fixed names: the compare view sets runs side by side.
+        for path in (paths.samples_png, paths.samples_by_digit_png, paths.histogram_png, paths.loss_png,
+                     paths.animation, paths.evaluation_md):
+            tracker.artifact(tracker.parent_id, path, "report")
         return result
 
 
@@ -152,10 +161,11 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
     with Stage(tracker, "register") as run_id:
         fld = result["fld"]["generated_vs_test"]
         evaluator_id = result["lenet"]["evaluator_id"]
-        version = tracker.register_unet(run_id, paths.model, {
+        # Logged under the parent run, so the run's "Logged models" shows the U-Net it produced.
+        version = tracker.register_unet(tracker.parent_id, paths.model, {
             "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
             "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
-        })
+        }, description=version_description(result, cfg))
         decision = tracker.decide_promotion(version, fld, evaluator_id, promotion)
         tracker.json_artifact(run_id, "promotion.json", decision)
         tracker.tag(tracker.parent_id, {"unet_version": version, "promoted": decision["promoted"],
@@ -163,6 +173,15 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
         get_run_logger().info("U-Net v%s: %s (%s)", version, "promoted to champion" if decision["promoted"]
                               else "not promoted", decision["reason"])
         return decision
+
+
+def version_description(result: dict[str, Any], cfg: Config) -> str:
+    """The report's headline figures, shown on the registered version in the MLflow UI."""
+    fld, ratio = result["fld"]["generated_vs_test"], result["fld_ratio_to_train"]["generated_vs_test"]
+    s = result["sampler"]
+    return (f"FLD {fld:.3f} against the test set ({ratio:.2f}x train-vs-test) on {result['counts']['generated']:,} "
+            f"{s['name']} samples, profile {cfg.profile}; label imbalance {result['label_imbalance_tv']:.3f}; "
+            f"near-copies {result['memorisation']['near_copy_share']:.2%}; evaluator {result['lenet']['evaluator_id']}")
 
 
 def resolve_runs_dir(cfg: Config, runs_dir: str | None) -> Path:
@@ -177,12 +196,17 @@ def mnist_ddpm(
     run_name: str | None = None,
     runs_dir: str | None = None,
     promotion: str = "if_better",
+    guidance_scale: float | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline. `profile`: smoke | cpu | gpu; `overrides`: {"train.epochs": "3", ...};
-    `run_name`: reuse one to resume a crashed run; `promotion`: if_better | never."""
+    """The whole pipeline. `profile`: original | gpu | cpu | smoke; `overrides`: {"train.epochs": "3", ...};
+    `run_name`: reuse one to resume a crashed run; `promotion`: if_better | never; `guidance_scale`: train a
+    digit-conditional U-Net (label dropout train.p_uncond, a null label) and sample with this guidance."""
     from prefect.runtime import flow_run
 
-    cfg = load_config(profile, config_file, overrides or {})
+    overrides = dict(overrides or {})
+    if guidance_scale is not None:
+        overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
+    cfg = load_config(profile, config_file, overrides)
     if promotion not in PROMOTION_POLICIES:  # before any compute, not at the end
         raise ConfigError(f"promotion={promotion!r}: use one of {', '.join(PROMOTION_POLICIES)}")
     runs = resolve_runs_dir(cfg, runs_dir)

@@ -8,6 +8,7 @@ and the champion alias only moves between models scored by the same evaluator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -142,6 +143,8 @@ class Tracker:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
+        # Without this tag MLflow 3's UI guesses the experiment's kind and may open its GenAI view.
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
         parent = client.create_run(experiment_id, run_name=run_name, tags=tags)
         return cls(uri, experiment_id, parent.info.run_id, client)
 
@@ -198,13 +201,27 @@ class Tracker:
         self.client.set_registered_model_alias(LENET_MODEL, EVALUATOR_ALIAS, version)
         return version
 
-    def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any]) -> str:
+    def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any], description: str = "") -> str:
         info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(),
                            artifacts={"model": str(model_path)}, registered_model_name=UNET_MODEL)
         version = str(info.registered_model_version)
         for key, value in tags.items():
             self.client.set_model_version_tag(UNET_MODEL, version, key, str(value))
+        if description:
+            self.client.update_model_version(UNET_MODEL, version, description=description)
         return version
+
+    def log_dataset(self, run_id: str, manifest: dict[str, Any], folder: Path) -> None:
+        """The prepared MNIST as the run's input dataset (the UI's Datasets section), named by its content."""
+        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        digest = "".join(sorted(f["sha256"] for f in manifest["files"].values()))
+        dataset = MetaDataset(FileSystemDatasetSource(folder.as_uri()), name="mnist",
+                              digest=hashlib.sha256(digest.encode()).hexdigest()[:16])
+        self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                     [InputTag("mlflow.data.context", "training")])])
 
     def champion(self) -> dict[str, Any] | None:
         try:

@@ -47,3 +47,13 @@ def smoke_run(tmp_path, prepared_data) -> Path:
     run.mkdir()
     (run / "data").symlink_to(prepared_data, target_is_directory=True)
     return run
+
+
+def pytest_unconfigure(config):
+    """Prefect's temporary server logs "Stopping temporary server" at interpreter exit, through handlers that
+    still point at pytest's capture streams, closed by then: Python prints that as a logging traceback after a
+    green run. Detach Prefect's handlers before pytest closes the streams."""
+    import logging
+
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]:
+        logging.getLogger(name).handlers.clear()

@@ -40,13 +40,17 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     assert config["profile"] == "smoke"  # later stages kept the run's config
     for name in ("data/manifest.json", "classifier/lenet.pt", "unet/model.pt", "unet/checkpoints/epoch_002.pt",
                  "samples/samples.parquet", "samples.png", "reverse_process.gif", "evaluation.json",
-                 "loss_curves.png", "label_histogram.png", "evaluation.md"):
+                 "loss_curves.png", "label_histogram.png", "evaluation.md", "samples_by_digit.png"):
         assert (run / name).is_file(), name
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert set(evaluation["fld"]) == {"generated_vs_test", "test_vs_test", "train_vs_test", "uniform_noise_vs_test"}
     assert evaluation["counts"]["generated"] == 64
     assert sum(evaluation["label_histogram"]["generated"]) == 64
     assert 0 <= evaluation["label_imbalance_tv"] <= 1
+    assert evaluation["fld_ratio_to_train"]["train_vs_test"] == 1.0
+    assert 0 <= evaluation["memorisation"]["near_copy_share"] <= 1
+    report = (run / "evaluation.md").read_text()
+    assert "| generated (ddpm) | 64 |" in report and "near-copies" in report
     check_trained_keys_are_refused(run)
 
 

@@ -80,6 +80,21 @@ def test_first_run_tracks_everything(runs):
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["counts"]["generated"] == 64
     assert parent.data.tags["evaluator_id"] == evaluation["lenet"]["evaluator_id"]
+    # What the MLflow UI needs to show a model-training experiment: its kind, the dataset as an input, the U-Net
+    # as a logged model of the parent run, the report's pictures on the parent (for the compare view).
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.name == "mnist" and dataset.tags[0].value == "training"
+    logged = client.search_logged_models([parent.info.experiment_id],
+                                         filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert [m.name for m in logged] == ["unet"]
+    assert {"report/samples.png", "report/samples_by_digit.png", "report/label_histogram.png",
+            "report/loss_curves.png", "report/reverse_process.gif", "report/evaluation.md"} <= \
+        artifact_paths(client, parent.info.run_id)
+    assert parent.data.metrics["fld_ratio_to_train"] == pytest.approx(
+        evaluation["fld_ratio_to_train"]["generated_vs_test"])
+    assert 0 <= parent.data.metrics["near_copy_share"] <= 1
 
 
 def test_registered_models_and_aliases(runs):
@@ -103,6 +118,7 @@ def test_registered_models_and_aliases(runs):
     assert str(champion.version) == best_version
     assert float(champion.tags["fld"]) == pytest.approx(best_fld)
     assert champion.tags["evaluator_id"] == evaluator.tags["evaluator_id"]
+    assert champion.description.startswith(f"FLD {best_fld:.3f} against the test set")  # headline on the version
 
 
 def test_rerun_reuses_cached_data_and_lenet(runs):
@@ -168,3 +184,30 @@ def test_failed_stage_fails_the_run_without_pointless_retries(tmp_path, mirror):
     assert not (tmp_path / "bad" / "classifier" / "lenet.pt").exists()
     cache = tmp_path / "cache" / f"lenet-{lenet_key(load_config('smoke', overrides=overrides))}"
     assert not (cache / "lenet.pt").exists()
+
+
+def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
+    """guidance_scale end to end: conditional training across 2 Ray workers, balanced guided samples, and the
+    report says what it evaluated."""
+    import numpy as np
+
+    from ddpm.generate import read_samples
+    from ddpm.training import load_model
+    from flows.distributed import shutdown_ray
+    from flows.pipeline import mnist_ddpm
+
+    try:
+        summary = mnist_ddpm(profile="smoke", runs_dir=str(tmp_path), run_name="guided", guidance_scale=2.0,
+                             overrides={"data.mirror": str(mirror), "train.num_workers": "2", "train.epochs": "1",
+                                        "sample.num_samples": "40", "sample.batch_size": "8"})
+    finally:
+        shutdown_ray()
+    run = tmp_path / "guided"
+    _, trained = load_model(run / "unet" / "model.pt")
+    assert trained.unet.num_classes == 10 and trained.train.num_workers == 2
+    _, labels = read_samples(run / "samples" / "samples.parquet")
+    assert np.bincount(labels, minlength=10).tolist() == [4] * 10
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["sampler"]["conditional"] and evaluation["sampler"]["guidance_scale"] == 2.0
+    assert "guidance 2" in (run / "evaluation.md").read_text()
+    assert math.isfinite(summary["fld"]["generated_vs_test"])

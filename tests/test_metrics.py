@@ -188,3 +188,20 @@ def test_extract_lenet_outputs():
         np.testing.assert_allclose(feats, lenet.features(x01).double().numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(preds, lenet(x01).argmax(1).numpy())
     assert lenet.training  # mode restored
+
+
+def test_nearest_distances_and_memorisation():
+    from ddpm.metrics import memorisation, nearest_distances
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(300, 1, 28, 28, generator=g) * 2 - 1
+    heldout = torch.rand(200, 1, 28, 28, generator=g) * 2 - 1
+    copies = train[:50] + 0.001 * torch.randn(50, 1, 28, 28, generator=g)
+    d = nearest_distances(copies, train, chunk=7)  # chunking does not change the answer
+    assert d.shape == (50,) and (d < 0.1).all()
+    brute = torch.cdist(heldout.flatten(1).double(), train.flatten(1).double()).min(dim=1).values.numpy()
+    np.testing.assert_allclose(nearest_distances(heldout, train), brute, rtol=1e-4)
+    honest = memorisation(nearest_distances(heldout[:100], train), nearest_distances(heldout[100:], train))
+    copied = memorisation(d, nearest_distances(heldout, train))
+    assert copied["near_copy_share"] == 1.0 and honest["near_copy_share"] < 0.1
+    assert copied["generated_median_nn"] < copied["heldout_median_nn"]

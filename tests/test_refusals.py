@@ -90,3 +90,39 @@ def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, mirror):
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert not list(run.glob(".data.tmp-*")) and not (run / "config.json").exists()
+
+
+def test_broken_samples_and_checkpoint_configs_are_named(smoke_run, capsys):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from ddpm.checkpoints import UNET
+
+    samples = smoke_run / "samples" / "samples.parquet"
+    samples.parent.mkdir()
+    (smoke_run / "classifier").mkdir()
+    assert main(["train-classifier", "--profile", "smoke", "--out", str(smoke_run), "--quiet"]) == 0
+    for content in (b"PAR1 truncated", None):
+        if content is None:  # right column names, wrong types
+            pq.write_table(pa.table({"index": [0], "label": [1], "image": [np.zeros(784, np.float32)]}), samples)
+        else:
+            samples.write_bytes(content)
+        assert main(["evaluate", "--out", str(smoke_run), "--quiet"]) == 2
+        assert f"{samples} is not a samples file of this project" in one_line_error(capsys)
+    model = smoke_run / "unet" / "model.pt"
+    model.parent.mkdir()
+    torch.save({"kind": UNET, "config": {"unet": {"base_channels": "wide"}}, "model": {}}, model)
+    assert main(["sample", "--out", str(smoke_run), "--quiet"]) == 2
+    assert f"{model} holds no usable config" in one_line_error(capsys)
+
+
+def test_sampling_without_a_model_fails_before_ray_starts(tmp_path):
+    code = ("import sys; from flows.cli import main\n"
+            f"code = main(['sample', '--profile', 'smoke', '--out', {str(tmp_path / 'r')!r}, '--workers', '2',"
+            " '--quiet'])\nprint(code, 'ray' in sys.modules)")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "unet/model.pt does not exist" in result.stderr and time.monotonic() - start < 60
