@@ -149,26 +149,31 @@ class DiffusionTrainer:
         for batch_index, (x, y) in enumerate(bar):
             if on_batch is not None:
                 on_batch(self.epoch + 1, batch_index)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            loss = self._loss(self.train_model, x, y, self.cfg.train.p_uncond)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}: lower train.lr, "
-                    "keep train.grad_clip > 0, or check the data; the last completed epoch's checkpoint is kept"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model, self.step)
-            self.step += 1
-            total += loss.item() * len(x)
+            loss = self.train_step(x, y)
+            total += loss * len(x)
             count += len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
         return total, count
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step (loss, backward, clipping, AdamW, EMA) on a batch; returns its loss."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        loss = self._loss(self.train_model, x, y, self.cfg.train.p_uncond)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}: lower train.lr, "
+                "keep train.grad_clip > 0, or check the data; the last completed epoch's checkpoint is kept"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        self.step += 1
+        return loss.item()
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> tuple[float, int]:

@@ -1,0 +1,27 @@
+"""`make bench` works: its tiny mode runs every column and writes the table's JSON (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_bench_writes_every_column(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    cpu = results["devices"]["cpu"]
+    assert set(cpu["train"]) == {"batch 4"}
+    has_diffusers = results["versions"]["diffusers"] is not None
+    expected = {"project", "eager", "diffusers"} if has_diffusers else {"project", "eager"}
+    assert set(cpu["train"]["batch 4"]) == expected
+    assert all(v > 0 for v in cpu["train"]["batch 4"].values())
+    assert len(cpu["sample"]) == 4 and all(r["project"] > 0 for r in cpu["sample"].values())
+    assert results["fld_seconds_10k_x_84"] > 0 and results["peak_rss_mib"] > 0
+    assert "| training step (images/s) | project | eager | diffusers |" in result.stdout
