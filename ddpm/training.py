@@ -160,15 +160,18 @@ class DiffusionTrainer:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         loss = self._loss(self.train_model, x, y, self.cfg.train.p_uncond)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step}: lower train.lr, "
-                "keep train.grad_clip > 0, or check the data; the last completed epoch's checkpoint is kept"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        # Checked after backward: under DDP the gradients are all-reduced, so a NaN on any rank reaches every
+        # rank's norm and all ranks stop together (a check of the local loss alone would leave the others
+        # waiting in the next all-reduce). Nothing is applied: the weights stay the last finite ones.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            raise NonFiniteLossError(
+                f"loss became {loss.item():.4g} (gradient norm {norm.item():.4g}) at epoch {self.epoch + 1}, step "
+                f"{self.step}: lower train.lr, keep train.grad_clip > 0, or check the data; the last completed "
+                "epoch's checkpoint is kept"
+            )
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step)

@@ -24,9 +24,10 @@ import torch
 
 from ddpm import stages
 from ddpm.config import Config, config_from_dict
+from ddpm.errors import UserError
 from ddpm.generate import Shard
 from ddpm.run_folder import RunPaths
-from ddpm.training import EpochMetrics, fit
+from ddpm.training import EpochMetrics, NonFiniteLossError, fit
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -168,8 +169,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _track_epoch(loop_config.get("mlflow"), metrics)
         ray.train.report(asdict(metrics))
 
-    fit(cfg, paths, device=device, progress=False, on_epoch=on_epoch,
-        on_batch=on_batch if fault_at_epoch else None)
+    try:
+        fit(cfg, paths, device=device, progress=False, on_epoch=on_epoch,
+            on_batch=on_batch if fault_at_epoch else None)
+    except UserError as exc:
+        # Deterministic (a NaN loss, a config the checkpoint refuses): a Ray restart would only repeat it. Every
+        # rank stops alike (see DiffusionTrainer.train_step); the driver re-raises the message.
+        if rank == 0:
+            _log_event(events, event="refused", error=type(exc).__name__, message=str(exc))
 
 
 def ray_run_name(paths: RunPaths) -> str:
@@ -202,7 +209,12 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     if progress:
         print(f"Ray Train: {cfg.train.num_workers} workers ({'GPU' if use_gpu else 'CPU'}), run {name}, "
               f"storage {storage}", flush=True)
+    attempt = len(read_events(storage, name))
     trainer.fit()
+    refused = [e for e in read_events(storage, name)[attempt:] if e["event"] == "refused"]
+    if refused:
+        error = {"NonFiniteLossError": NonFiniteLossError}.get(refused[-1]["error"], UserError)
+        raise error(refused[-1]["message"])
     return json.loads(paths.history.read_text())
 
 

@@ -27,7 +27,7 @@ from ddpm.config import Config, ConfigError, load_config
 from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.run_folder import RunPaths, commit_config
-from flows.tracking import PROMOTION_POLICIES, Tracker, tracking_uri, ui_hint
+from flows.tracking import PROMOTION_POLICIES, Tracker, check_reachable, masked, tracking_uri, ui_hint
 
 
 def transient(task, task_run, state) -> bool:
@@ -213,11 +213,14 @@ def mnist_ddpm(
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
     paths = RunPaths(runs / run_name)
     uri = tracking_uri(cfg.tracking.mlflow_uri, runs)
+    check_reachable(uri)
     tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
         "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": str(flow_run.get_id()),
     })
-    tracker.params(tracker.parent_id, cfg.flat())
-    tracker.json_artifact(tracker.parent_id, "config.json", cfg.to_dict())
+    tracker.params(tracker.parent_id, {**cfg.flat(), "tracking.mlflow_uri": masked(cfg.tracking.mlflow_uri)})
+    tracker.json_artifact(tracker.parent_id, "config.json",
+                          {**cfg.to_dict(), "tracking": {**cfg.to_dict()["tracking"],
+                                                         "mlflow_uri": masked(cfg.tracking.mlflow_uri)}})
     print(f"run folder: {paths.root}\nMLflow: {ui_hint(uri)}")
     try:
         cache = runs / "cache"
@@ -240,7 +243,7 @@ def mnist_ddpm(
                              description=f"mnist-ddpm run {run_name}")
     if tracker.url():
         create_link_artifact(tracker.url(), link_text=f"MLflow run {run_name}", key="mlflow-run")
-    summary = {"run_dir": str(paths.root), "mlflow_run_id": tracker.parent_id, "tracking_uri": uri,
+    summary = {"run_dir": str(paths.root), "mlflow_run_id": tracker.parent_id, "tracking_uri": masked(uri),
                "fld": result["fld"], "promotion": decision}
     print(json.dumps(summary, indent=2))
     print(f"\nresults: {paths.root}  (samples.png, reverse_process.gif, evaluation.json)\n"

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import tempfile
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ import mlflow.pyfunc
 from mlflow.tracking import MlflowClient
 
 from ddpm.config import ConfigError
+from ddpm.errors import UserError
 
 UNET_MODEL = "mnist-ddpm-unet"
 LENET_MODEL = "mnist-lenet"
@@ -40,10 +43,35 @@ def tracking_uri(configured: str, runs_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve()}/mlflow.db"
 
 
+def masked(uri: str) -> str:
+    """The URI with its password replaced: what logs, params, artifacts and messages show."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails the run before any compute (MLflow's own client would
+    retry for minutes, mid-run). Local stores (sqlite, file) need no server."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+    health = urllib.parse.urlunsplit(parts._replace(netloc=host, path=parts.path.rstrip("/") + "/health"))
+    try:
+        urllib.request.urlopen(health, timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"MLflow at {masked(uri)} does not answer ({getattr(exc, 'reason', exc)}): start it "
+                        "(make cluster-up) or point tracking.mlflow_uri / MLFLOW_TRACKING_URI at a running "
+                        "server; nothing was computed") from None
+
+
 def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  (then http://127.0.0.1:5000)"
-    return uri
+    return masked(uri)
 
 
 @contextmanager
@@ -76,7 +104,7 @@ def _log_pyfunc(run_id: str, uri: str, **kwargs: Any):
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{masked(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
 
 

@@ -55,5 +55,8 @@ def pytest_unconfigure(config):
     green run. Detach Prefect's handlers before pytest closes the streams."""
     import logging
 
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]:
-        logging.getLogger(name).handlers.clear()
+    for logger in [logging.root, *map(logging.getLogger, list(logging.root.manager.loggerDict))]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if type(handler).__module__.startswith("prefect"):
+                logger.removeHandler(handler)
+    logging.raiseExceptions = False  # whatever logs after this has nowhere useful to go

@@ -211,3 +211,25 @@ def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
     assert evaluation["sampler"]["conditional"] and evaluation["sampler"]["guidance_scale"] == 2.0
     assert "guidance 2" in (run / "evaluation.md").read_text()
     assert math.isfinite(summary["fld"]["generated_vs_test"])
+
+
+def test_unreachable_mlflow_fails_before_any_compute(tmp_path):
+    """A tracking server that does not answer stops the flow at once, naming the URI without its password."""
+    import socket
+    import time
+
+    from ddpm.errors import UserError
+    from flows.pipeline import mnist_ddpm
+    from flows.tracking import masked
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    uri = f"http://alice:s3cret@127.0.0.1:{port}"
+    assert masked(uri) == f"http://alice:***@127.0.0.1:{port}" and masked("sqlite:///x.db") == "sqlite:///x.db"
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        mnist_ddpm(profile="smoke", runs_dir=str(tmp_path), run_name="r", overrides={"tracking.mlflow_uri": uri})
+    assert f"MLflow at http://alice:***@127.0.0.1:{port} does not answer" in str(err.value)
+    assert "s3cret" not in str(err.value)
+    assert not (tmp_path / "r").exists() and time.monotonic() - start < 60

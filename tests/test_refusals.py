@@ -126,3 +126,24 @@ def test_sampling_without_a_model_fails_before_ray_starts(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert "unet/model.pt does not exist" in result.stderr and time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_diverging_run_stops_with_its_last_good_checkpoint(smoke_run, capsys, workers):
+    """End to end, in-process and on 2 Ray workers: a learning rate that blows the weights up stops training in
+    one line, without Ray restarts, and the last completed epoch stays the run's checkpoint."""
+    from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
+
+    common = ["--out", str(smoke_run), "--workers", str(workers), "--quiet"]
+    assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", *common]) == 0
+    last = smoke_run / "unet" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    assert main(["train", "--set", "train.epochs=3", "--set", "train.lr=1e30", *common]) == 2
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # Ray logs too
+    assert "loss became" in message and "epoch 2" in message and "lower train.lr" in message
+    assert last.read_bytes() == before and load_checkpoint(last, (TRAINING_STATE,), "")["epoch"] == 1
+    if workers == 2:
+        from flows.distributed import read_events
+
+        events = read_events(smoke_run / ".ray", f"unet-{smoke_run.name}")
+        assert [e["event"] for e in events].count("start") == 2  # the first run, then one attempt: no restarts
