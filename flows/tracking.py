@@ -241,12 +241,12 @@ class Tracker:
 
     def log_dataset(self, run_id: str, manifest: dict[str, Any], folder: Path) -> None:
         """The prepared MNIST as the run's input dataset (the UI's Datasets section), named by its content."""
-        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
         digest = "".join(sorted(f["sha256"] for f in manifest["files"].values()))
-        dataset = MetaDataset(FileSystemDatasetSource(folder.as_uri()), name="mnist",
+        dataset = MetaDataset(resolve_dataset_source(str(folder)), name="mnist",
                               digest=hashlib.sha256(digest.encode()).hexdigest()[:16])
         self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                      [InputTag("mlflow.data.context", "training")])])
