@@ -63,8 +63,9 @@ def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noi
                   clip_x0=s.clip_x0, keep_every=keep_every, progress=progress)
     if s.sampler == "ddim":
         return ddim_sample(model, diffusion, noise, steps=s.ddim_steps, eta=s.eta, **common)
-    if s.sampler == "dpm++2m":
-        return dpm_solver_sample(model, diffusion, noise, steps=s.ddim_steps, **common)
+    if s.sampler in ("dpm++2m", "dpm++2m-sde"):
+        return dpm_solver_sample(model, diffusion, noise, steps=s.ddim_steps, stochastic=s.sampler.endswith("sde"),
+                                 **common)
     return ddpm_sample(model, diffusion, noise, **common)
 
 

@@ -309,3 +309,39 @@ def test_matches_diffusers(steps):
     torch.testing.assert_close(ours, x.double(), atol=3e-4, rtol=0)
     ddim = last_x(ddim_sample(model, d, PerImageNoise(seeds, shape), steps=steps, clip_x0=False, keep_every=99))
     assert (ddim - x.double()).abs().max() > 10 * 3e-4  # sanity: the tolerance tells first from second order
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers calls np.array on a tensor
+@pytest.mark.parametrize("steps", [10, 25])
+def test_sde_variant_matches_diffusers_with_the_same_noise(steps):
+    """The stochastic form against diffusers' sde-dpmsolver++, fed the very draws our per-image noise makes."""
+    diffusers = pytest.importorskip("diffusers")
+    T, shape, seeds = 100, (1, 16, 16), image_seeds(5, 0, 4)
+    d = diffusion(T)
+    model = UNetDenoiser(T, d.alpha_bars64).eval()
+    ours = dpm_solver_sample(model, d, PerImageNoise(seeds, shape), steps=steps, clip_x0=False, stochastic=True)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=d.betas.double().numpy(), algorithm_type="sde-dpmsolver++",
+        solver_order=2, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True)
+    scheduler.set_timesteps(timesteps=ddim_timesteps(T, steps))
+    noise = PerImageNoise(seeds, shape)
+    x = noise.randn()
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            z = noise.randn() if i + 1 < steps else torch.zeros_like(x)  # the last step adds none
+            x = scheduler.step(model(x, t.expand(len(x)), None), t, x, variance_noise=z).prev_sample
+    torch.testing.assert_close(ours.images.double(), x.double().clamp(-1, 1), atol=3e-4, rtol=0)
+    ode = dpm_solver_sample(model, d, PerImageNoise(seeds, shape), steps=steps, clip_x0=False)
+    assert (ode.images - ours.images).abs().max() > 0.01  # sanity: the noise does change the result
+
+
+def test_sde_variant_is_batch_invariant():
+    d = diffusion(20)
+    model = UNetDenoiser(20, d.alpha_bars64).eval()
+
+    def run(start, count):
+        return dpm_solver_sample(model, d, PerImageNoise(image_seeds(9, start, count), (1, 16, 16)), steps=8,
+                                 stochastic=True).images
+
+    # A conv over 6 images and over 3 may take different kernels: float noise only, no shared randomness.
+    torch.testing.assert_close(run(0, 6), torch.cat([run(0, 3), run(3, 3)]), atol=1e-5, rtol=0)
