@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -166,9 +167,10 @@ class DiffusionTrainer:
         # rank's norm and all ranks stop together (a check of the local loss alone would leave the others
         # waiting in the next all-reduce). Nothing is applied: the weights stay the last finite ones.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one host sync
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise NonFiniteLossError(
-                f"loss became {loss.item():.4g} (gradient norm {norm.item():.4g}) at epoch {self.epoch + 1}, step "
+                f"loss became {loss_value:.4g} (gradient norm {norm_value:.4g}) at epoch {self.epoch + 1}, step "
                 f"{self.step}: lower train.lr, keep train.grad_clip > 0, or check the data; the last completed "
                 "epoch's checkpoint is kept"
             )
@@ -176,7 +178,7 @@ class DiffusionTrainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         self.step += 1
-        return loss.item()
+        return loss_value
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> tuple[float, int]:
