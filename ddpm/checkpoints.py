@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 
 TRAINING_STATE = "mnist-ddpm-unet-checkpoint"  # unet/checkpoints/*.pt: weights, EMA, optimizer, counters
 UNET = "mnist-ddpm-unet"  # unet/model.pt: the sampling weights and the config that builds them
@@ -70,9 +70,8 @@ def load_checkpoint(path: Path, kinds: tuple[str, ...], missing_hint: str) -> di
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, a pickle with disallowed globals, not a torch file at all
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be read ({first}): delete it and rerun the stage that made it") \
-            from None
+        raise CheckpointError(f"{path} cannot be read ({first_line(exc)}): delete it and rerun the stage that "
+                              "made it") from None
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind not in kinds:
         raise CheckpointError(

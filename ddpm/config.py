@@ -339,7 +339,7 @@ def check_unet(u: UNetConfig) -> None:
     _check(u.block in BLOCKS, f"unet.block={u.block!r}: use one of {', '.join(map(repr, BLOCKS))}")
     _check(u.init in INITS, f"unet.init={u.init!r}: use one of {', '.join(map(repr, INITS))}")
     for key in ("in_channels", "base_channels", "blocks_per_level", "groups", "heads"):
-        _check(getattr(u, key) >= 1, f"unet.{key}={getattr(u, key)} must be >= 1")
+        _at_least(u, "unet", key, 1)
     _check(u.num_classes >= 0, f"unet.num_classes={u.num_classes} must be >= 0 (0 = unconditional)")
     _check(len(u.channel_multipliers) >= 1, "unet.channel_multipliers needs at least one level, e.g. (1, 2)")
     _check(all(m >= 1 for m in u.channel_multipliers),

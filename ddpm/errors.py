@@ -8,3 +8,9 @@ line and exits 2; the flow does not retry it. Anything else is a bug or a transi
 
 class UserError(Exception):
     """Bad input the user can fix; the message says which input and how."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (library messages can run to many), or its type when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ddpm.checkpoints import write_atomically
-from ddpm.config import Config
+from ddpm.config import Config, with_trained
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 from ddpm.pixels import model_to_uint8
 from ddpm.sampling import PerImageNoise, SampleResult, ddim_sample, ddpm_sample, dpm_solver_sample, image_seeds
+from ddpm.training import load_model
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,26 @@ def labels_for(start: int, count: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(start, start + count) % num_classes
 
 
+def load_for_sampling(cfg: Config, model_path: Path, device: torch.device | str
+                      ) -> tuple[nn.Module, Config, GaussianDiffusion]:
+    """The trained U-Net, `cfg` with the checkpoint's architecture and schedule in place of its own, and that
+    schedule's diffusion: what every sampling entry point starts from."""
+    model, trained = load_model(model_path, device)
+    cfg = with_trained(cfg, trained, set(), str(model_path))
+    return model, cfg, GaussianDiffusion.from_config(cfg.diffusion).to(device)
+
+
+def image_noise(cfg: Config, start: int, count: int) -> PerImageNoise:
+    """The per-image noise of global images start .. start + count - 1 (seeded from `sample.seed`)."""
+    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
+    return PerImageNoise(image_seeds(cfg.sample.seed, start, count), shape)
+
+
+def sampler_steps(cfg: Config) -> int:
+    """Network evaluations per image: all T for DDPM, `sample.ddim_steps` for the few-step samplers."""
+    return cfg.diffusion.timesteps if cfg.sample.sampler == "ddpm" else cfg.sample.ddim_steps
+
+
 def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noise: PerImageNoise,
                 labels: torch.Tensor | None, keep_every: int = 0, progress: bool = False) -> SampleResult:
     """The configured sampler (`cfg.sample`) on one batch; `cfg.unet` says whether labels mean anything."""
@@ -78,13 +99,11 @@ def sample_shard(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sh
     s = cfg.sample
     if shard.start % s.batch_size:
         raise ValueError(f"shard start {shard.start} is not a multiple of sample.batch_size={s.batch_size}")
-    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
     images, labels = [], []
     for first in range(shard.start, shard.start + shard.count, s.batch_size):
         n = min(s.batch_size, shard.start + shard.count - first)
-        noise = PerImageNoise(image_seeds(s.seed, first, n), shape)
         batch_labels = labels_for(first, n, cfg.unet.num_classes)
-        result = run_sampler(model, diffusion, cfg, noise, batch_labels)
+        result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n), batch_labels)
         images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))
         if on_batch is not None:
@@ -120,6 +139,5 @@ def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"expected uint8 square images, found {flat.dtype} x {len(flat)} values")
         return flat.reshape(len(table), side, side), table.column("label").to_numpy().astype(np.int64)
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a samples file of this project ({first}): rerun `ddpm sample --out "
-                        "RUN_DIR`") from None
+        raise UserError(f"{path} is not a samples file of this project ({first_line(exc)}): rerun `ddpm sample "
+                        "--out RUN_DIR`") from None

@@ -69,6 +69,13 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+    return path
+
+
 def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
@@ -80,10 +87,7 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("U-Net training")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_label_histogram(generated: np.ndarray, reference: np.ndarray, path: Path) -> Path:
@@ -97,7 +101,4 @@ def plot_label_histogram(generated: np.ndarray, reference: np.ndarray, path: Pat
     ax.set_xlabel("digit (LeNet prediction)")
     ax.set_ylabel("share")
     ax.legend()
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)

@@ -22,11 +22,22 @@ from tqdm.auto import tqdm
 
 from ddpm.checkpoints import copy_file, write_json, write_text
 from ddpm.classifier import load_lenet, train_lenet
-from ddpm.config import Config, with_trained
+from ddpm.config import Config
 from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.generate import Shard, combine_shards, labels_for, plan_shards, read_samples, run_sampler, sample_shard
+from ddpm.generate import (
+    Shard,
+    combine_shards,
+    image_noise,
+    labels_for,
+    load_for_sampling,
+    plan_shards,
+    read_samples,
+    run_sampler,
+    sample_shard,
+    sampler_steps,
+)
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
 from ddpm.metrics import (
     class_mean_distance,
@@ -39,8 +50,7 @@ from ddpm.metrics import (
 )
 from ddpm.pixels import uint8_to_model
 from ddpm.run_folder import RunPaths
-from ddpm.sampling import PerImageNoise, image_seeds
-from ddpm.training import fit, load_model, resolve_device
+from ddpm.training import fit, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
 
@@ -130,10 +140,7 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
     they are computed here. Either way the images are identical, and samples.parquet only appears when all
     shards are done.
     """
-    device = resolve_device(cfg.train.device)
-    model, trained = load_model(paths.model, device)
-    cfg = with_trained(cfg, trained, set(), str(paths.model))
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
+    model, cfg, diffusion = load_for_sampling(cfg, paths.model, resolve_device(cfg.train.device))
     s = cfg.sample
     shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
     folder = paths.samples.parent / f".shards-{uuid.uuid4().hex[:8]}"
@@ -151,8 +158,8 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
         shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - start
     write_json(paths.sampling, {"images": s.num_samples, "seconds": seconds, "images_per_s": s.num_samples / seconds,
-                                "sampler": s.sampler, "steps": s.ddim_steps if s.sampler != "ddpm" else
-                                cfg.diffusion.timesteps, "guidance_scale": s.guidance_scale, "shards": len(shards)})
+                                "sampler": s.sampler, "steps": sampler_steps(cfg), "guidance_scale": s.guidance_scale,
+                                "shards": len(shards)})
     images, _ = read_samples(paths.samples)
     save_grid(images[:100], paths.samples_png, nrow=10)
     animate(cfg, paths, model, diffusion)
@@ -162,19 +169,14 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
 def sample_digit(cfg: Config, paths: RunPaths, digit: int, count: int = 64) -> Path:
     """A grid of `count` images of one digit from a conditional model, with `sample.guidance_scale`:
     R/digit_<d>.png. The run's samples are not touched."""
-    device = resolve_device(cfg.train.device)
-    model, trained = load_model(paths.model, device)
-    cfg = with_trained(cfg, trained, set(), str(paths.model))
+    model, cfg, diffusion = load_for_sampling(cfg, paths.model, resolve_device(cfg.train.device))
     if cfg.unet.num_classes <= 0:
         raise UserError(f"{paths.model} is unconditional: --digit needs a model trained with unet.num_classes=10")
     if not 0 <= digit < cfg.unet.num_classes:
         raise UserError(f"--digit {digit} must be in 0..{cfg.unet.num_classes - 1}")
     if count < 1:
         raise UserError(f"--count {count} must be >= 1")
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
-    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    noise = PerImageNoise(image_seeds(cfg.sample.seed, 0, count), shape)
-    images = run_sampler(model, diffusion, cfg, noise, torch.full((count,), digit)).images
+    images = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, count), torch.full((count,), digit)).images
     return save_grid(images, paths.root / f"digit_{digit}.png", nrow=min(count, 8))
 
 
@@ -185,11 +187,8 @@ def shard_file(folder: Path, shard: Shard) -> Path:
 def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: GaussianDiffusion) -> Path:
     """The reverse process of a few images: x_t beside the model's running estimate of x0."""
     n = cfg.sample.animation_images
-    shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    noise = PerImageNoise(image_seeds(cfg.sample.seed, 0, n), shape)
-    steps = cfg.sample.ddim_steps if cfg.sample.sampler != "ddpm" else cfg.diffusion.timesteps
-    result = run_sampler(model, diffusion, cfg, noise, labels_for(0, n, cfg.unet.num_classes),
-                         keep_every=max(1, steps // 25))
+    result = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, n), labels_for(0, n, cfg.unet.num_classes),
+                         keep_every=max(1, sampler_steps(cfg) // 25))
     return save_reverse_process_gif(result.xt_frames, result.x0_frames, result.timesteps, paths.animation)
 
 

@@ -222,14 +222,11 @@ class SamplerActor:
     """Loads the trained model once, then computes shards of images on request."""
 
     def __init__(self, model_path: str, config: dict[str, Any], threads: int):
-        from ddpm.diffusion import GaussianDiffusion
-        from ddpm.training import load_model
+        from ddpm.generate import load_for_sampling
 
         torch.set_num_threads(threads)  # the node's cores shared out between the actors (Ray's default is 1)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.cfg = config_from_dict(config)
-        self.model, _ = load_model(Path(model_path), device)
-        self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion).to(device)
+        self.model, self.cfg, self.diffusion = load_for_sampling(config_from_dict(config), Path(model_path), device)
 
     def sample(self, shard: Shard, out: str, progress_actor=None) -> str:
         from ddpm.generate import sample_shard

@@ -23,11 +23,11 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
-from ddpm.config import Config, ConfigError, load_config
+from ddpm.config import Config, load_config
 from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.run_folder import RunPaths, commit_config
-from flows.tracking import PROMOTION_POLICIES, Tracker, check_reachable, masked, tracking_uri, ui_hint
+from flows.tracking import Tracker, check_promotion, check_reachable, masked, tracking_uri, ui_hint
 
 
 def transient(task, task_run, state) -> bool:
@@ -207,8 +207,7 @@ def mnist_ddpm(
     if guidance_scale is not None:
         overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
     cfg = load_config(profile, config_file, overrides)
-    if promotion not in PROMOTION_POLICIES:  # before any compute, not at the end
-        raise ConfigError(f"promotion={promotion!r}: use one of {', '.join(PROMOTION_POLICIES)}")
+    check_promotion(promotion)  # before any compute, not only when the register stage gets to it
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
     paths = RunPaths(runs / run_name)

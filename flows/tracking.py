@@ -43,13 +43,22 @@ def tracking_uri(configured: str, runs_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve()}/mlflow.db"
 
 
+def _host(parts: urllib.parse.SplitResult) -> str:
+    """host[:port] of a URL, without the credentials its netloc may carry."""
+    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+
+
 def masked(uri: str) -> str:
     """The URI with its password replaced: what logs, params, artifacts and messages show."""
     parts = urllib.parse.urlsplit(uri)
     if not parts.password:
         return uri
-    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{_host(parts)}"))
+
+
+def check_promotion(policy: str) -> None:
+    if policy not in PROMOTION_POLICIES:
+        raise ConfigError(f"promotion={policy!r}: use one of {', '.join(PROMOTION_POLICIES)}")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -58,8 +67,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
-    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
-    health = urllib.parse.urlunsplit(parts._replace(netloc=host, path=parts.path.rstrip("/") + "/health"))
+    health = urllib.parse.urlunsplit(parts._replace(netloc=_host(parts), path=parts.path.rstrip("/") + "/health"))
     try:
         urllib.request.urlopen(health, timeout=timeout).close()
     except (OSError, ValueError) as exc:
@@ -262,8 +270,7 @@ class Tracker:
                          ) -> dict[str, Any]:
         """Under policy `if_better`, move `champion` to `version` when no champion exists or it beats the
         champion's FLD under the same evaluator; under `never`, leave it. Either way, record why."""
-        if policy not in PROMOTION_POLICIES:
-            raise ConfigError(f"promotion={policy!r}: use one of {', '.join(PROMOTION_POLICIES)}")
+        check_promotion(policy)
         current = self.champion()
         if policy == "never":
             promote, reason = False, "promotion disabled for this run (promotion=never)"
