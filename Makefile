@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-faults lint bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault tests alone (concurrent runs, a killed flow, MLflow lost mid-run, the soak); `make test` runs them too.
+test-faults: setup
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ddpm flows tests bench infra

@@ -53,6 +53,7 @@ class RunPaths:
     samples_by_digit_png = property(lambda self: self.root / "samples_by_digit.png")
     evaluation = property(lambda self: self.root / "evaluation.json")
     evaluation_md = property(lambda self: self.root / "evaluation.md")
+    unlogged = property(lambda self: self.root / "unlogged.json")  # what a tracking outage kept out of MLflow
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.pt"

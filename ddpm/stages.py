@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from ddpm.generate import (
     sampler_steps,
 )
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
+from ddpm.locks import exclusive
 from ddpm.metrics import (
     class_mean_distance,
     extract_lenet_outputs,
@@ -69,6 +71,11 @@ def lenet_key(cfg: Config) -> str:
     return _key({"data": data_key(cfg), "classifier": cfg.classifier.__dict__})
 
 
+def _cache_lock(cache: Path | None, entry: str):
+    """Runs sharing the cache prepare each entry once: the second waits for the first, then reuses its work."""
+    return nullcontext() if cache is None else exclusive(cache / f".{entry}.lock", f"the cache entry {entry}")
+
+
 def _link(link: Path, target: Path) -> None:
     if link.is_symlink() or link.exists():
         if link.resolve() == target.resolve():
@@ -91,9 +98,10 @@ def prepare_data(cfg: Config, paths: RunPaths, *, cache: Path | None = None, pro
     if cfg.data.mirror:
         resolve_mirror(cfg.data.mirror)  # a wrong explicit mirror fails, with its name, even if nothing is needed
     folder = paths.data if cache is None else cache / f"data-{data_key(cfg)}"
-    reused = prepared_ok(folder) and _manifest_matches(cfg, folder)
-    if not reused:
-        prepare_dataset(folder, cfg.data, progress=progress)  # all or nothing
+    with _cache_lock(cache, folder.name):
+        reused = prepared_ok(folder) and _manifest_matches(cfg, folder)
+        if not reused:
+            prepare_dataset(folder, cfg.data, progress=progress)  # all or nothing
     if cache is not None:
         _link(paths.data, folder)
     return {**json.loads((folder / "manifest.json").read_text()), "reused": reused, "data_key": data_key(cfg)}
@@ -110,14 +118,16 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
     """Train the LeNet evaluator into the run folder. With `cache`, an evaluator trained before on the same data
     with the same classifier config is reused, so FLDs of runs that share it stay comparable."""
     cached = cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt" if cache is not None else None
-    reused = cached is not None and cached.exists() and \
-        load_lenet(cached)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
-    if reused:
-        copy_file(cached, paths.lenet)
-    else:
-        train_lenet(cfg.classifier, paths.data, paths.lenet, resolve_device(cfg.train.device), progress=progress)
-        if cached is not None:
-            copy_file(paths.lenet, cached)
+    with _cache_lock(cache, f"lenet-{lenet_key(cfg)}"):  # a concurrent run with the same key waits, then reuses
+        reused = cached is not None and cached.exists() and \
+            load_lenet(cached)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
+        if reused:
+            copy_file(cached, paths.lenet)
+        else:
+            train_lenet(cfg.classifier, paths.data, paths.lenet, resolve_device(cfg.train.device),
+                        progress=progress)
+            if cached is not None:
+                copy_file(paths.lenet, cached)
     return {**load_lenet(paths.lenet)[1], "reused": reused}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from ddpm import stages
 from ddpm.config import Config, config_from_dict
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 from ddpm.generate import Shard
 from ddpm.run_folder import RunPaths
 from ddpm.training import EpochMetrics, NonFiniteLossError, fit
@@ -42,13 +43,26 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    # The dashboard also serves the State API that Ray Train's placement-group cleaner polls from inside the
+    # cluster. Left to itself, that poll finds "the" local Ray by scanning for GCS processes, and with a second
+    # local Ray on the machine (two pipelines at once) it fails with "Found multiple active Ray instances", or
+    # asks the other Ray whether our controller is alive. So the dashboard gets a known port and every worker
+    # is told where it is.
+    dashboard_port = free_loopback_port()
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=512 * 2**20,  # else Ray reserves 30% of RAM
-        # The dashboard also serves the State API that Ray Train's cleanup polls; without it, it logs errors.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
     )
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_ray(timeout: float = 10.0) -> None:
@@ -115,9 +129,12 @@ def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[s
 
 def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None:
     """Live curves: rank 0 logs each epoch to the stage's MLflow run as it ends. A tracking hiccup must not
-    kill training: the driver logs whatever is missing once training is done."""
-    if not tracking:
+    kill or stall training: the driver logs whatever is missing once training is done. So one try, without
+    MLflow's minutes of retries (this process uses MLflow for nothing else), and after a failure no more tries
+    in this worker (`tracking["failed"]`)."""
+    if not tracking or tracking.get("failed"):
         return
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
@@ -127,7 +144,9 @@ def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None
             Metric(key, float(value), now, metrics.epoch)
             for key, value in epoch_metrics_for_tracking(metrics).items()])
     except Exception as exc:  # noqa: BLE001 - see docstring
-        print(f"warning: could not log epoch {metrics.epoch} to MLflow: {exc}", flush=True)
+        tracking["failed"] = True
+        print(f"warning: could not log epoch {metrics.epoch} to MLflow ({first_line(exc)}); the driver logs the "
+              "curve once training ends", flush=True)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

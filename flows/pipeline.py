@@ -25,9 +25,10 @@ from prefect.cache_policies import NO_CACHE
 from ddpm import stages
 from ddpm.config import Config, load_config
 from ddpm.errors import UserError
+from ddpm.locks import exclusive
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.run_folder import RunPaths, commit_config
-from flows.tracking import Tracker, check_promotion, check_reachable, masked, tracking_uri, ui_hint
+from flows.tracking import Tracker, TrackingLostError, check_promotion, check_reachable, masked, tracking_uri, ui_hint
 
 
 def transient(task, task_run, state) -> bool:
@@ -100,7 +101,7 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict
                                 "num_workers": cfg.train.num_workers})
         history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id})
         # Rank 0 logged epochs live; add what it did not (epochs of an earlier attempt, or a tracking hiccup).
-        logged = {m.step for m in tracker.client.get_metric_history(run_id, "train_loss")}
+        logged = tracker.logged_steps(run_id, "train_loss")
         for h in history:
             if h["epoch"] not in logged:
                 tracker.metrics(run_id, epoch_metrics_for_tracking(h), step=h["epoch"])
@@ -166,6 +167,8 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
             "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
             "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
         }, description=version_description(result, cfg))
+        if version is None:  # MLflow went away (the flow reports it at the end)
+            return {"promoted": False, "reason": "not registered: MLflow did not answer", "version": None}
         decision = tracker.decide_promotion(version, fld, evaluator_id, promotion)
         tracker.json_artifact(run_id, "promotion.json", decision)
         tracker.tag(tracker.parent_id, {"unet_version": version, "promoted": decision["promoted"],
@@ -213,9 +216,20 @@ def mnist_ddpm(
     paths = RunPaths(runs / run_name)
     uri = tracking_uri(cfg.tracking.mlflow_uri, runs)
     check_reachable(uri)
+    # One pipeline per run folder: a second one with the same run name would overwrite the first's checkpoints.
+    # The lock dies with its holder, so a killed run's rerun takes it at once.
+    with exclusive(runs / f".{run_name}.lock", f"the run folder {paths.root}", wait=False):
+        return _pipeline(cfg, paths, uri, promotion, str(flow_run.get_id()))
+
+
+def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_id: str) -> dict[str, Any]:
+    runs, run_name = paths.root.parent, paths.root.name
     tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
-        "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": str(flow_run.get_id()),
+        "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": flow_run_id,
     })
+    # MLflow runs of an earlier attempt on this folder that was killed (we hold its lock, so it is not running).
+    for killed in tracker.close_abandoned(str(paths.root)):
+        print(f"MLflow run {killed} of an earlier, killed attempt on this run folder: marked KILLED")
     tracker.params(tracker.parent_id, {**cfg.flat(), "tracking.mlflow_uri": masked(cfg.tracking.mlflow_uri)})
     tracker.json_artifact(tracker.parent_id, "config.json",
                           {**cfg.to_dict(), "tracking": {**cfg.to_dict()["tracking"],
@@ -235,11 +249,20 @@ def mnist_ddpm(
             decision = {"promoted": False, "reason": "tracking.register_models=false", "version": None}
     except BaseException:
         tracker.end(tracker.parent_id, "FAILED")
+        if tracker.lost:
+            tracker.write_missing(paths.unlogged)
         raise
     tracker.end(tracker.parent_id)
     links = {"MLflow run": tracker.url(), "MLflow UI": ui_hint(uri) if not tracker.url() else None}
     create_markdown_artifact(stages.evaluation_markdown(result, links), key="evaluation",
                              description=f"mnist-ddpm run {run_name}")
+    if tracker.lost:
+        tracker.write_missing(paths.unlogged)
+        raise TrackingLostError(
+            f"MLflow at {masked(uri)} stopped answering during the run ({tracker.lost}): {len(tracker.missing)} "
+            f"items were not logged, listed in {paths.unlogged}. Every result is in {paths.root}. Start MLflow "
+            f"again and rerun with run_name={run_name}: data, evaluator and trained epochs are reused")
+    paths.unlogged.unlink(missing_ok=True)  # an earlier attempt's list: this run logged everything
     if tracker.url():
         create_link_artifact(tracker.url(), link_text=f"MLflow run {run_name}", key="mlflow-run")
     summary = {"run_dir": str(paths.root), "mlflow_run_id": tracker.parent_id, "tracking_uri": masked(uri),
