@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ class SampleConfig:
     clip_x0: bool = True
     num_actors: int = 1  # Ray sampling actors; 1 samples in-process
     animation_images: int = 16  # images in the reverse-process animation
+    # More generated sets for the report, each "sampler[:steps][@guidance]" (e.g. "ddpm", "ddim:20",
+    # "dpm++2m-sde:25@0"), drawn from the first `compare_samples` seeds of the main set (at most all of them):
+    # the report sets each beside the main set's images of those same seeds, so samplers compare on equal terms.
+    compare: tuple[str, ...] = ()
+    compare_samples: int = 2_000
 
 
 @dataclass
@@ -153,7 +159,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # clipping, batch 32, T=100, 15 epochs, 10,000 DDPM samples.
     "original": {"unet.init": "flux", "train.ema_decay": 0.0, "train.grad_clip": 0.0, "sample.sampler": "ddpm"},
     # One GPU, about 10 minutes of training (15 epochs = 25k steps at batch 32); 10,000 DDPM samples.
-    "gpu": {"train.device": "auto"},
+    "gpu": {"train.device": "auto", "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
     # A 2-core machine's `make run` in under 30 minutes: steps, not epochs, buy quality, so one worker using both
     # cores at batch 32 (about 10 steps/s) for 6 epochs, and 10,000 samples with the stochastic DPM-Solver++ in
     # 25 steps. Measured on a 4-epoch model, 2,000 samples: it matched 100-step DDPM (FLD 11.3; 30 steps 10.9,
@@ -163,6 +169,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.max_val_images": 2_000,
         "sample.sampler": "dpm++2m-sde",
         "sample.ddim_steps": 25,
+        # 100-step DDPM beside it on the first 2,000 seeds (about 4 minutes here; 10,000 would take 20).
+        "sample.compare": ("ddpm",),
     },
     # Seconds, for tests: tiny network, few steps, few images.
     "smoke": {
@@ -184,6 +192,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sample.ddim_steps": 10,
         "sample.batch_size": 16,
         "sample.animation_images": 4,
+        "sample.compare": ("ddim:5",),
+        "sample.compare_samples": 32,
         "eval.max_reference_images": 500,
     },
 }
@@ -200,7 +210,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
         return tuple(_coerce(v, args[0], key) for v in value)
     try:
         if annotation is bool:
@@ -394,11 +404,41 @@ def validate(cfg: Config) -> None:
     _check(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
     _check(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (0: unconditional, "
                                   "1: conditional, > 1: guided)")
+    _at_least(s, "sample", "compare_samples", 1)
+    compare_sets(cfg)
     _at_least(cfg.classifier, "classifier", "batch_size", 1)
     _at_least(cfg.classifier, "classifier", "epochs", 1)
     _at_least(cfg.eval, "eval", "batch_size", 1)
     _check(0 < cfg.classifier.min_accuracy <= 1,
            f"classifier.min_accuracy={cfg.classifier.min_accuracy} must be in (0, 1]")
+
+
+_COMPARE_SPEC = re.compile(r"^(?P<sampler>[a-z0-9+-]+?)(?::(?P<steps>\d+))?(?:@(?P<guidance>[0-9.]+))?$")
+
+
+def compare_sets(cfg: Config) -> dict[str, SampleConfig]:
+    """`sample.compare` as {set name: its sample config}: the main set's seeds, batches and labels, another
+    sampler, step count or guidance, `compare_samples` images. Names are file and MLflow-metric safe."""
+    s, sets = cfg.sample, {}
+    for spec in s.compare:
+        found = _COMPARE_SPEC.match(spec)
+        _check(found is not None, f"sample.compare entry {spec!r}: write sampler[:steps][@guidance], e.g. "
+                                  "'ddpm', 'ddim:20' or 'dpm++2m-sde:25@0'")
+        sampler, steps, guidance = found["sampler"], found["steps"], found["guidance"]
+        _check(sampler in SAMPLERS, f"sample.compare entry {spec!r}: sampler {sampler!r} is not one of "
+                                    f"{', '.join(SAMPLERS)}")
+        _check(not (sampler == "ddpm" and steps), f"sample.compare entry {spec!r}: ddpm takes all "
+                                                  "diffusion.timesteps steps; drop ':steps'")
+        n = cfg.diffusion.timesteps if sampler == "ddpm" else int(steps or s.ddim_steps)
+        _check(1 <= n <= cfg.diffusion.timesteps, f"sample.compare entry {spec!r}: steps must be in [1, "
+                                                  f"diffusion.timesteps={cfg.diffusion.timesteps}]")
+        name = f"{sampler.replace('+', 'p')}-{n}" + (f"-w{float(guidance):g}" if guidance is not None else "")
+        _check(name not in sets, f"sample.compare lists {spec!r} twice")
+        sets[name] = dataclasses.replace(
+            s, sampler=sampler, ddim_steps=n if sampler != "ddpm" else s.ddim_steps, compare=(),
+            guidance_scale=float(guidance) if guidance is not None else s.guidance_scale,
+            num_samples=min(s.compare_samples, s.num_samples))  # the main set's first seeds, at most all of them
+    return sets
 
 
 # What a trained U-Net fixes: its architecture and the diffusion it learned to reverse.

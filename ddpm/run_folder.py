@@ -55,6 +55,10 @@ class RunPaths:
     evaluation_md = property(lambda self: self.root / "evaluation.md")
     unlogged = property(lambda self: self.root / "unlogged.json")  # what a tracking outage kept out of MLflow
 
+    def compare_set(self, name: str) -> Path:
+        """A generated set beside the main one (`sample.compare`), for the report's sampler comparison."""
+        return self.root / "samples" / "compare" / f"{name}.parquet"
+
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.pt"
 

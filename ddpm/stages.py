@@ -7,6 +7,7 @@ stage itself stays the same, and so do the files it leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ddpm.checkpoints import copy_file, write_json, write_text
 from ddpm.classifier import load_lenet, train_lenet
-from ddpm.config import Config
+from ddpm.config import Config, compare_sets
 from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
@@ -151,25 +152,33 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
     shards are done.
     """
     model, cfg, diffusion = load_for_sampling(cfg, paths.model, resolve_device(cfg.train.device))
-    s = cfg.sample
-    shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
-    folder = paths.samples.parent / f".shards-{uuid.uuid4().hex[:8]}"
-    folder.mkdir(parents=True)
-    start = time.perf_counter()
-    try:
-        if run_shards is not None:
-            run_shards(cfg, paths, shards, folder)
-        else:
-            with tqdm(total=s.num_samples, desc="sampling", unit="img", disable=not progress) as bar:
-                for shard in shards:
-                    sample_shard(model, diffusion, cfg, shard, shard_file(folder, shard), on_batch=bar.update)
-        combine_shards([shard_file(folder, shard) for shard in shards], paths.samples)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    write_json(paths.sampling, {"images": s.num_samples, "seconds": seconds, "images_per_s": s.num_samples / seconds,
-                                "sampler": s.sampler, "steps": sampler_steps(cfg), "guidance_scale": s.guidance_scale,
-                                "shards": len(shards)})
+
+    def generate(cfg: Config, out: Path, name: str) -> dict[str, Any]:
+        s = cfg.sample
+        shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
+        folder = out.parent / f".shards-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            if run_shards is not None:
+                run_shards(cfg, paths, shards, folder)
+            else:
+                with tqdm(total=s.num_samples, desc=f"sampling ({name})", unit="img", disable=not progress) as bar:
+                    for shard in shards:
+                        sample_shard(model, diffusion, cfg, shard, shard_file(folder, shard), on_batch=bar.update)
+            combine_shards([shard_file(folder, shard) for shard in shards], out)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        return {"name": name, "images": s.num_samples, "seconds": seconds, "images_per_s": s.num_samples / seconds,
+                "sampler": s.sampler, "steps": sampler_steps(cfg), "guidance_scale": s.guidance_scale,
+                "shards": len(shards)}
+
+    record = generate(cfg, paths.samples, "main")
+    # The sets to compare: same seeds (the main set's first ones), another sampler, step count or guidance.
+    record["compare"] = [generate(dataclasses.replace(cfg, sample=sample_cfg), paths.compare_set(name), name)
+                         for name, sample_cfg in compare_sets(cfg).items()]
+    write_json(paths.sampling, record)
     images, _ = read_samples(paths.samples)
     save_grid(images[:100], paths.samples_png, nrow=10)
     animate(cfg, paths, model, diffusion)
@@ -245,11 +254,37 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "sampler": {"name": cfg.sample.sampler, "ddim_steps": cfg.sample.ddim_steps, "eta": cfg.sample.eta,
                     "guidance_scale": cfg.sample.guidance_scale, "conditional": cfg.unet.num_classes > 0},
     }
+    result["compare"] = _compare_sets(cfg, paths, lenet, device, features, test_hist, fld["train_vs_test"], progress)
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
     save_grid(digit_rows(gen_uint8, predicted["generated"]), paths.samples_by_digit_png, nrow=10)
     write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result
+
+
+def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: torch.device,
+                  features: dict[str, np.ndarray], test_hist: np.ndarray, train_fld: float, progress: bool
+                  ) -> list[dict[str, Any]]:
+    """The sets `ddpm sample` drew beside the main one (listed in sampling.json), each with the main set's images
+    of the same seeds: FLD, FLD / train-vs-test, and digit shares. FLD grows as sets shrink, so only rows of
+    the same size compare."""
+    drawn = json.loads(paths.sampling.read_text()).get("compare", []) if paths.sampling.exists() else []
+    rows = []
+    for entry in drawn:
+        images, _ = read_samples(paths.compare_set(entry["name"]))
+        n = len(images)
+        feats, predicted = extract_lenet_outputs(lenet, uint8_to_model(images).unsqueeze(1), cfg.eval.batch_size,
+                                                 device, progress=progress)
+        hist = label_histogram(predicted)
+        shares = hist / hist.sum() / (test_hist / test_hist.sum())
+        fld = frechet_lenet_distance(feats, features["test"])
+        main_fld = frechet_lenet_distance(features["generated"][:n], features["test"])
+        rows.append({"name": entry["name"], "sampler": entry["sampler"], "steps": entry["steps"],
+                     "guidance_scale": entry["guidance_scale"], "images": n, "fld": fld,
+                     "fld_ratio_to_train": fld / train_fld, "main_fld_same_seeds": main_fld,
+                     "label_histogram": hist.tolist(), "digit_share_max_deviation": float(np.abs(shares - 1).max()),
+                     "images_per_s": entry["images_per_s"]})
+    return rows
 
 
 def digit_rows(images: np.ndarray, labels: np.ndarray, per_digit: int = 10) -> np.ndarray:
@@ -261,11 +296,17 @@ def digit_rows(images: np.ndarray, labels: np.ndarray, per_digit: int = 10) -> n
     return rows.reshape(-1, *images.shape[1:])
 
 
+def _sampler_label(name: str, steps: int, guidance: float | None) -> str:
+    """'dpm++2m-sde, 25 steps, guidance 2': guidance only where the model is conditional."""
+    return name + (f", {steps} steps" if name != "ddpm" else "") + \
+        (f", guidance {guidance:g}" if guidance is not None else "")
+
+
 def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
     s, counts, m = result["sampler"], result["counts"], result["memorisation"]
-    sampler = f"{s['name']}" + (f", {s['ddim_steps']} steps" if s["name"] != "ddpm" else "") + \
-        (f", guidance {s['guidance_scale']:g}" if s.get("conditional") else "")
+    conditional = s.get("conditional", False)
+    sampler = _sampler_label(s["name"], s["ddim_steps"], s["guidance_scale"] if conditional else None)
     names = {"test": "test (vs itself)", "train": "train", "generated": f"generated ({sampler})",
              "uniform_noise": "uniform noise"}
     rows = ["| set | images | FLD vs test | FLD / train-vs-test | class-mean distance |",
@@ -275,11 +316,30 @@ def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | N
                     f"{result['fld_ratio_to_train'][f'{name}_vs_test']:.2f} | "
                     f"{result['class_mean_distance'][name]:.3f} |")
     gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
+
+    def share_row(name: str, hist: list[int]) -> str:
+        return f"| {name} | " + " | ".join(f"{h / sum(hist):.1%}" for h in hist) + " |"
+
+    compare = result.get("compare", [])
     shares = ["| digit | " + " | ".join(map(str, range(10))) + " |", "| --- |" + " ---: |" * 10,
-              "| generated | " + " | ".join(f"{g / sum(gen):.1%}" for g in gen) + " |",
-              "| test | " + " | ".join(f"{t / sum(test):.1%}" for t in test) + " |"]
+              share_row("generated", gen), *(share_row(c["name"], c["label_histogram"]) for c in compare),
+              share_row("test", test)]
+    comparison = []
+    if compare:
+        comparison = [
+            "## Samplers on the same seeds", "",
+            f"Each set beside the main set's ({sampler}) images of the same seeds: FLD depends on the set size, "
+            "so compare within a row.", "",
+            "| set | images | FLD vs test | FLD / train-vs-test | main set, same seeds | largest digit deviation | "
+            "images/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for c in compare:
+            label = _sampler_label(c["sampler"], c["steps"], c["guidance_scale"] if conditional else None)
+            comparison.append(
+                f"| {label} | {c['images']:,} | {c['fld']:.3f} | {c['fld_ratio_to_train']:.2f} | "
+                f"{c['main_fld_same_seeds']:.3f} | {c['digit_share_max_deviation']:.1%} | {c['images_per_s']:.1f} |")
+        comparison.append("")
     return "\n".join([
-        "# mnist-ddpm evaluation", "", *rows, "",
+        "# mnist-ddpm evaluation", "", *rows, "", *comparison,
         "## Digits (as the LeNet reads them)", "", *shares, "",
         f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}; largest relative "
         f"deviation of a digit's share: {result['digit_share_max_deviation']:.1%}",

@@ -13,6 +13,7 @@ and so does a task retry after a crash.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -29,6 +30,20 @@ from ddpm.locks import exclusive
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.run_folder import RunPaths, commit_config
 from flows.tracking import Tracker, TrackingLostError, check_promotion, check_reachable, masked, tracking_uri, ui_hint
+
+
+class _RefusalsWithoutTraceback(logging.Filter):
+    """A refused input (a UserError) is one line in the flow's log, as it is on the CLI: the traceback Prefect
+    attaches to a failed run or task would bury the line that names the problem and the fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_RefusalsWithoutTraceback())
 
 
 def transient(task, task_run, state) -> bool:
@@ -141,6 +156,8 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
                      "digit_share_max_deviation": result["digit_share_max_deviation"],
                      "near_copy_share": result["memorisation"]["near_copy_share"],
                      "lenet_test_accuracy": result["lenet"]["test_accuracy"]})
+        for c in result["compare"]:  # the sets drawn beside the main one, and the main one on the same seeds
+            flat.update({f"fld_{c['name']}": c["fld"], f"fld_main_first_{c['images']}": c["main_fld_same_seeds"]})
         tags = {"evaluator_id": result["lenet"]["evaluator_id"], "evaluator_version": evaluator_version}
         for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
             tracker.metrics(target, flat)
@@ -210,6 +227,11 @@ def mnist_ddpm(
     if guidance_scale is not None:
         overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
     cfg = load_config(profile, config_file, overrides)
+    if guidance_scale is not None and "sample.compare" not in overrides:
+        # The report sets the guided set beside the same sampler without guidance (w=0: the unconditional model).
+        unguided = f"{cfg.sample.sampler}@0"
+        overrides["sample.compare"] = ",".join([*cfg.sample.compare, unguided])
+        cfg = load_config(profile, config_file, overrides)
     check_promotion(promotion)  # before any compute, not only when the register stage gets to it
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"

@@ -51,7 +51,31 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     assert 0 <= evaluation["memorisation"]["near_copy_share"] <= 1
     report = (run / "evaluation.md").read_text()
     assert "| generated (ddpm) | 64 |" in report and "near-copies" in report
+    check_compared_set_uses_the_main_sets_seeds(run, evaluation, report)
     check_trained_keys_are_refused(run)
+
+
+def check_compared_set_uses_the_main_sets_seeds(run, evaluation, report):
+    """The smoke profile compares DDIM-5 on the first 32 seeds: its images are exactly what DDIM-5 makes from
+    those seeds, and the report sets its FLD beside the main set's on the same seeds."""
+    import torch
+
+    from ddpm.config import load_config
+    from ddpm.generate import image_noise, load_for_sampling, read_samples, run_sampler
+    from ddpm.pixels import model_to_uint8
+
+    compared, _ = read_samples(run / "samples" / "compare" / "ddim-5.parquet")
+    model, cfg, diffusion = load_for_sampling(
+        load_config("smoke", None, {"sample.sampler": "ddim", "sample.ddim_steps": "5"}), run / "unet" / "model.pt",
+        torch.device("cpu"))
+    expected = np.concatenate([model_to_uint8(run_sampler(model, diffusion, cfg, image_noise(cfg, first, 16),
+                                                          None).images).numpy()[:, 0] for first in (0, 16)])
+    assert np.array_equal(compared, expected)
+    (row,) = evaluation["compare"]
+    assert row["name"] == "ddim-5" and row["images"] == 32
+    assert np.isfinite([row["fld"], row["main_fld_same_seeds"]]).all()
+    assert row["fld"] != row["main_fld_same_seeds"]  # two samplers, two sets of images
+    assert "## Samplers on the same seeds" in report and f"| ddim, 5 steps | 32 | {row['fld']:.3f} |" in report
 
 
 def check_trained_keys_are_refused(run):

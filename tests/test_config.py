@@ -19,6 +19,8 @@ from ddpm.generate import Shard, plan_shards
     ("data.mirror", "none", None),
     ("data.mirror", "/some/folder", "/some/folder"),
     ("sample.sampler", "ddim", "ddim"),
+    ("sample.compare", "ddpm, dpm++2m-sde:15@0", ("ddpm", "dpm++2m-sde:15@0")),
+    ("sample.compare", "", ()),
 ])
 def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     section, name = key.split(".")
@@ -33,11 +35,31 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("train.batch_size", "0", "train.batch_size=0 must be >= 1"),
     ("sample.num_actors", "0", "sample.num_actors=0 must be >= 1"),
     ("sample.ddim_steps", "21", "sample.ddim_steps=21 must be in [1, diffusion.timesteps=20]"),
+    ("sample.compare", "ddim:5,euler", "sample.compare entry 'euler': sampler 'euler' is not one of"),
+    ("sample.compare", "ddpm:50", "sample.compare entry 'ddpm:50': ddpm takes all diffusion.timesteps steps"),
+    ("sample.compare", "ddim:21", "sample.compare entry 'ddim:21': steps must be in [1, diffusion.timesteps=20]"),
+    ("sample.compare", "ddim@-1", "sample.compare entry 'ddim@-1': write sampler[:steps][@guidance]"),
+    ("sample.compare", "ddim:10,ddim", "sample.compare lists 'ddim' twice"),  # smoke's ddim_steps is 10
+    ("sample.compare_samples", "0", "sample.compare_samples=0 must be >= 1"),
 ])
 def test_each_wrong_value_is_named_alone(key, text, message):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", overrides={key: text})
     assert message in str(err.value)
+
+
+def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
+    from ddpm.config import compare_sets
+
+    cfg = load_config("smoke", overrides={"sample.compare": "ddpm,dpm++2m:8@0", "sample.guidance_scale": "2"})
+    sets = compare_sets(cfg)
+    assert list(sets) == ["ddpm-20", "dpmpp2m-8-w0"]  # MLflow metric names allow no '+'
+    assert (sets["ddpm-20"].sampler, sets["ddpm-20"].guidance_scale) == ("ddpm", 2.0)
+    assert (sets["dpmpp2m-8-w0"].ddim_steps, sets["dpmpp2m-8-w0"].guidance_scale) == (8, 0.0)
+    for s in sets.values():
+        assert (s.seed, s.batch_size, s.num_samples, s.compare) == (cfg.sample.seed, cfg.sample.batch_size, 32, ())
+    few = load_config("smoke", overrides={"sample.num_samples": "20"})
+    assert compare_sets(few)["ddim-5"].num_samples == 20  # never more seeds than the main set has
 
 
 def test_parse_overrides():
@@ -48,7 +70,8 @@ def test_parse_overrides():
 
 def test_with_trained_takes_the_checkpoint_and_refuses_explicit_contradictions():
     trained = load_config("smoke")
-    asked = load_config("gpu", overrides={"sample.num_samples": "7", "sample.ddim_steps": "10"})
+    asked = load_config("gpu", overrides={"sample.num_samples": "7", "sample.ddim_steps": "10",
+                                         "sample.compare": "ddim:10"})
     merged = with_trained(asked, trained, set(), "model.pt")
     assert merged.unet == trained.unet and merged.diffusion == trained.diffusion
     assert merged.sample.num_samples == 7 and merged.train == asked.train  # free sections stay as asked

@@ -159,9 +159,13 @@ def test_flow_killed_mid_training_resumes_when_the_deployment_runs_again(cluster
     assert cached == {"True"}  # data and evaluator: reused from the cache, not redone
 
 
+STACK = ("ray", "prefect", "mlflow", "uvicorn", "flows.", "ddpm", "torch")  # what our processes and temp names hold
+
+
 def machine_snapshot() -> dict:
-    """Every process on the machine (pid -> command), the listening TCP ports, the temp folder's entries, and
-    the summed RSS of the cluster's processes (the Ray, Prefect and MLflow trees)."""
+    """The stack's processes anywhere on the machine (pid -> command; orphans of a killed parent included), the
+    listening TCP ports, the temp folder's entries that tempfile or the stack name, and the summed RSS of those
+    processes. Unrelated processes and files (a shell, an editor) do not count."""
     procs, rss = {}, 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -171,13 +175,13 @@ def machine_snapshot() -> dict:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if not cmd or stat[0] == "Z":
+        if not cmd or stat[0] == "Z" or int(entry.name) == os.getpid() or not any(k in cmd for k in STACK):
             continue
         procs[int(entry.name)] = cmd[:160]
-        if any(key in cmd for key in ("ray", "prefect", "mlflow", "uvicorn", "flows.serve")):
-            rss += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-    return {"procs": procs, "ports": {port for _, port in listening_sockets().values()},
-            "temp": set(os.listdir(tempfile.gettempdir())), "rss": rss}
+        rss += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+    temp = {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("tmp") or
+            any(k in name.lower() for k in STACK)}
+    return {"procs": procs, "ports": {port for _, port in listening_sockets().values()}, "temp": temp, "rss": rss}
 
 
 @pytest.mark.faults

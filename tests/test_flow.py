@@ -210,8 +210,12 @@ def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
     assert np.bincount(labels, minlength=10).tolist() == [4] * 10
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert evaluation["sampler"]["conditional"] and evaluation["sampler"]["guidance_scale"] == 2.0
-    assert "guidance 2" in (run / "evaluation.md").read_text()
+    report = (run / "evaluation.md").read_text()
+    assert "guidance 2" in report
     assert math.isfinite(summary["fld"]["generated_vs_test"])
+    # Beside the guided set: the profile's DDIM-5 (guided too) and the same sampler without guidance.
+    assert [(c["name"], c["guidance_scale"]) for c in evaluation["compare"]] == [("ddim-5", 2.0), ("ddpm-20-w0", 0.0)]
+    assert "| ddpm, guidance 0 | 32 |" in report and "| ddim, 5 steps, guidance 2 | 32 |" in report
 
 
 def test_unreachable_mlflow_fails_before_any_compute(tmp_path):
