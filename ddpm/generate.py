@@ -82,12 +82,14 @@ def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noi
     common = dict(labels=labels.to(device) if conditional and labels is not None else None,
                   null_label=cfg.unet.num_classes if conditional else None, guidance_scale=s.guidance_scale,
                   clip_x0=s.clip_x0, keep_every=keep_every, progress=progress)
-    if s.sampler == "ddim":
-        return ddim_sample(model, diffusion, noise, steps=s.ddim_steps, eta=s.eta, **common)
-    if s.sampler in ("dpm++2m", "dpm++2m-sde"):
-        return dpm_solver_sample(model, diffusion, noise, steps=s.ddim_steps, stochastic=s.sampler.endswith("sde"),
-                                 **common)
-    return ddpm_sample(model, diffusion, noise, **common)
+    # Autocast reaches only the network's convolutions and matmuls; the samplers cast eps back to float32.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        if s.sampler == "ddim":
+            return ddim_sample(model, diffusion, noise, steps=s.ddim_steps, eta=s.eta, **common)
+        if s.sampler in ("dpm++2m", "dpm++2m-sde"):
+            return dpm_solver_sample(model, diffusion, noise, steps=s.ddim_steps,
+                                     stochastic=s.sampler.endswith("sde"), **common)
+        return ddpm_sample(model, diffusion, noise, **common)
 
 
 def sample_shard(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, shard: Shard, out: Path,

@@ -326,3 +326,28 @@ def test_pixel_conversions_round_trip():
     assert torch.equal(model_to_uint8(uint8_to_model(every)), every)  # exact round trip of every pixel value
     assert uint8_to_model(every).min() == -1 and uint8_to_model(every).max() == 1
     torch.testing.assert_close(model_to_unit(uint8_to_model(every)), every.float() / 255)
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close():
+    """sample.bf16 autocasts the network (its convolutions see bf16 inputs) and keeps the sampler in float32:
+    images near the float32 ones, not equal to them."""
+    from ddpm.config import load_config
+    from ddpm.generate import image_noise, run_sampler
+    from ddpm.models import build_unet
+
+    torch.manual_seed(0)
+    seen = []
+    model = build_unet(load_config("smoke").unet, 20).eval()
+    with torch.no_grad():  # the output convolution starts at zero: give the network something to say
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    images = {}
+    for bf16 in (False, True):
+        cfg = load_config("smoke", overrides={"sample.sampler": "dpm++2m-sde", "sample.bf16": str(bf16)})
+        images[bf16] = run_sampler(model, GaussianDiffusion.from_config(cfg.diffusion), cfg,
+                                   image_noise(cfg, 0, 8), None).images
+    assert set(seen[: len(seen) // 2]) == {torch.float32} and set(seen[len(seen) // 2:]) == {torch.bfloat16}
+    assert images[True].dtype == torch.float32
+    difference = (images[True] - images[False]).abs()
+    assert 0 < difference.mean() < 0.05, difference.mean()
