@@ -166,6 +166,38 @@ def test_corrupt_and_truncated_gzip(tmp_path):
 # --- locating the mirror --------------------------------------------------------------------------
 
 
+def test_unreadable_mirror_file_is_named(mirror):
+    """A mirror file the user may not read: one line naming it, exit 2, nothing written. Root reads every file,
+    so as root the command runs as `nobody` (setpriv), in a folder outside pytest's private temp root."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    command = [str(Path(sys.executable).with_name("ddpm")), "data", "--quiet"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to make a file unreadable")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    root = Path(tempfile.mkdtemp(prefix="ddpm-unreadable-"))
+    try:
+        root.chmod(0o777)
+        (root / "m").mkdir(mode=0o755)
+        for f in mirror.glob("*.gz"):
+            shutil.copy(f, root / "m" / f.name)
+        locked = root / "m" / "train-labels-idx1-ubyte.gz"
+        locked.chmod(0)
+        result = subprocess.run([*command, "--mirror", str(root / "m"), "--out", str(root / "run")],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(root)})
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip() == (f"error: {locked}: cannot be read (Permission denied); re-download MNIST, "
+                                         "or point data.mirror, MNIST_MIRROR or --mirror at an intact copy")
+        assert not (root / "run").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_missing_mirror_folder(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} .*does not exist; point data.mirror"):
         data.resolve_mirror(str(tmp_path / "nope"))
