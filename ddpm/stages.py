@@ -218,6 +218,7 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
 
     Needs the run's LeNet evaluator (`ddpm train-classifier`) and samples (`ddpm sample`); it trains nothing.
     """
+    start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     lenet, lenet_metrics = load_lenet(paths.lenet, device)
     gen_uint8, _ = read_samples(paths.samples)
@@ -257,6 +258,7 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     result["compare"] = _compare_sets(cfg, paths, lenet, device, features, test_hist, fld["train_vs_test"], progress)
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
     save_grid(digit_rows(gen_uint8, predicted["generated"]), paths.samples_by_digit_png, nrow=10)
+    result["seconds"] = time.perf_counter() - start
     write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result

@@ -162,6 +162,8 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         for target in (run_id, tracker.parent_id):  # on the parent too: runs compare side by side in the UI
             tracker.metrics(target, flat)
             tracker.tag(target, tags)
+        # The headline as the parent run's description (the UI's "Description" field).
+        tracker.tag(tracker.parent_id, {"mlflow.note.content": version_description(result, cfg)})
         for path in (paths.evaluation, paths.evaluation_md, paths.histogram_png, paths.samples_png,
                      paths.samples_by_digit_png):
             tracker.artifact(run_id, path)
@@ -256,7 +258,7 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
     tracker.json_artifact(tracker.parent_id, "config.json",
                           {**cfg.to_dict(), "tracking": {**cfg.to_dict()["tracking"],
                                                          "mlflow_uri": masked(cfg.tracking.mlflow_uri)}})
-    print(f"run folder: {paths.root}\nMLflow: {ui_hint(uri)}")
+    print(f"run folder: {paths.root}\nMLflow: {ui_hint(uri, tracker.experiment_id)}")
     try:
         cache = runs / "cache"
         prepare_data_task(cfg, paths, cache, tracker)
@@ -275,7 +277,8 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
             tracker.write_missing(paths.unlogged)
         raise
     tracker.end(tracker.parent_id)
-    links = {"MLflow run": tracker.url(), "MLflow UI": ui_hint(uri) if not tracker.url() else None}
+    links = {"MLflow run": tracker.url(),
+             "MLflow UI": ui_hint(uri, tracker.experiment_id) if not tracker.url() else None}
     create_markdown_artifact(stages.evaluation_markdown(result, links), key="evaluation",
                              description=f"mnist-ddpm run {run_name}")
     if tracker.lost:
@@ -291,7 +294,7 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
                "fld": result["fld"], "promotion": decision}
     print(json.dumps(summary, indent=2))
     print(f"\nresults: {paths.root}  (samples.png, reverse_process.gif, evaluation.json)\n"
-          f"open the MLflow UI: {ui_hint(uri)}")
+          f"open the MLflow UI: {ui_hint(uri, tracker.experiment_id)}")
     return summary
 
 

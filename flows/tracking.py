@@ -87,10 +87,18 @@ def _store_lock(uri: str):
     return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"), "the MLflow store")
 
 
-def ui_hint(uri: str) -> str:
+# MLflow 3.17's UI opens in its GenAI mode unless told otherwise: the mode is a per-browser setting, defaulting to
+# GenAI, that the experiment's `mlflow.experimentKind` tag does not override (seen in a real browser). A link
+# with this query opens the model-training view (runs table, datasets, models) and makes it that browser's choice.
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def ui_hint(uri: str, experiment_id: str | None = None) -> str:
+    page = f"/#/experiments/{experiment_id}{TRAINING_VIEW}" if experiment_id else ""
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  (then http://127.0.0.1:5000)"
-    return masked(uri)
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
+                f"(then http://127.0.0.1:5000{page})")
+    return masked(uri).rstrip("/") + page
 
 
 @contextmanager
@@ -123,7 +131,7 @@ def _log_pyfunc(run_id: str, uri: str, **kwargs: Any):
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     if uri.startswith("http"):
-        return f"{masked(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{masked(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}"
     return None
 
 

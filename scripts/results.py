@@ -39,6 +39,9 @@ def collect(run: Path, command: str) -> dict:
         "digit_shares": {"generated": [g / sum(gen) for g in gen], "test": [t / sum(test) for t in test]},
         "memorisation": evaluation["memorisation"],
         "evaluator_id": evaluation["lenet"]["evaluator_id"],
+        "compare": [{k: c[k] for k in ("name", "sampler", "steps", "guidance_scale", "images", "fld",
+                                      "fld_ratio_to_train", "main_fld_same_seeds", "digit_share_max_deviation",
+                                      "images_per_s")} for c in evaluation.get("compare", [])],
     }
 
 
@@ -47,10 +50,21 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--label", required=True)
     parser.add_argument("--command", required=True, help="the command that produced the run")
+    parser.add_argument("--wall", type=float, default=0.0, help="the command's wall-clock seconds, if timed")
+    parser.add_argument("--evaluate-seconds", type=float, default=0.0,
+                        help="the evaluate stage's seconds (default: evaluation.json's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results[args.label] = entry = collect(args.run, args.command)
+    if args.wall:
+        # Outside the work: start-up, Ray, Prefect, MLflow (and, conservatively, data preparation and LeNet).
+        sets = [entry["sampling"], *entry["sampling"].get("compare", [])]
+        evaluate = args.evaluate_seconds or json.loads((args.run / "evaluation.json").read_text()).get("seconds", 0)
+        work = entry["training_seconds"] + sum(s["seconds"] for s in sets) + evaluate
+        entry["wall_seconds"], entry["outside_work_share"] = args.wall, 1 - work / args.wall
+        print(f"wall {args.wall / 60:.1f} min; training, sampling and evaluation {work / 60:.1f} min; "
+              f"outside them {entry['outside_work_share']:.1%}")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     s = entry["sampling"]
     steps, minutes = entry["recipe"]["steps"], entry["training_seconds"] / 60

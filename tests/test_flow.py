@@ -96,6 +96,12 @@ def test_first_run_tracks_everything(runs):
     assert parent.data.metrics["fld_ratio_to_train"] == pytest.approx(
         first["fld"]["generated_vs_test"] / first["fld"]["train_vs_test"])
     assert 0 <= parent.data.metrics["near_copy_share"] <= 1
+    assert parent.data.tags["mlflow.note.content"].startswith("FLD ")  # the run's description in the UI
+    assert parent.data.metrics["fld_ddim-5"] > 0 and "fld_main_first_32" in parent.data.metrics  # smoke compares
+    from flows.tracking import ui_hint
+
+    # MLflow 3.17 opens GenAI mode by default (a browser setting the experiment's kind tag does not override).
+    assert ui_hint("http://u:pw@h:5000", "7") == "http://u:***@h:5000/#/experiments/7?workflowType=machine_learning"
 
 
 def test_registered_models_and_aliases(runs):
