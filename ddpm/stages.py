@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -153,10 +154,13 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
     """
     model, cfg, diffusion = load_for_sampling(cfg, paths.model, resolve_device(cfg.train.device))
 
+    finished: list[tuple[Path, Path]] = []  # (temporary file, its place): every set moves in only at the end
+
     def generate(cfg: Config, out: Path, name: str) -> dict[str, Any]:
         s = cfg.sample
         shards = plan_shards(s.num_samples, s.batch_size, 1 if run_shards is None else parallelism * 4)
         folder = out.parent / f".shards-{uuid.uuid4().hex[:8]}"
+        done = out.with_name(f".{out.stem}.done-{uuid.uuid4().hex[:8]}{out.suffix}")
         folder.mkdir(parents=True)
         start = time.perf_counter()
         try:
@@ -166,7 +170,8 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
                 with tqdm(total=s.num_samples, desc=f"sampling ({name})", unit="img", disable=not progress) as bar:
                     for shard in shards:
                         sample_shard(model, diffusion, cfg, shard, shard_file(folder, shard), on_batch=bar.update)
-            combine_shards([shard_file(folder, shard) for shard in shards], out)
+            combine_shards([shard_file(folder, shard) for shard in shards], done)
+            finished.append((done, out))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         seconds = time.perf_counter() - start
@@ -174,10 +179,16 @@ def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: S
                 "sampler": s.sampler, "steps": sampler_steps(cfg), "guidance_scale": s.guidance_scale,
                 "shards": len(shards)}
 
-    record = generate(cfg, paths.samples, "main")
-    # The sets to compare: same seeds (the main set's first ones), another sampler, step count or guidance.
-    record["compare"] = [generate(dataclasses.replace(cfg, sample=sample_cfg), paths.compare_set(name), name)
-                         for name, sample_cfg in compare_sets(cfg).items()]
+    try:
+        record = generate(cfg, paths.samples, "main")
+        # The sets to compare: same seeds (the main set's first ones), another sampler, step count or guidance.
+        record["compare"] = [generate(dataclasses.replace(cfg, sample=sample_cfg), paths.compare_set(name), name)
+                             for name, sample_cfg in compare_sets(cfg).items()]
+        for done, out in finished:  # a stage stopped part-way leaves the old sets, not a mix of old and new
+            os.replace(done, out)
+    finally:
+        for done, _ in finished:
+            done.unlink(missing_ok=True)
     write_json(paths.sampling, record)
     images, _ = read_samples(paths.samples)
     save_grid(images[:100], paths.samples_png, nrow=10)

@@ -126,18 +126,23 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
 
     paths = RunPaths(smoke_run)
     train_unet(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
-    results = {}
+    results, compared = {}, {}
     for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
         cfg = load_config("smoke", overrides={"sample.num_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
         sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
         results[actors] = read_samples(paths.samples)
-        assert sorted(p.name for p in paths.samples.parent.iterdir()) == ["samples.parquet", "sampling.json"]
+        compared[actors] = read_samples(paths.compare_set("ddim-5"))[0]  # the smoke profile's comparison set
+        # No shard or temporary file left behind, for the main set or the compared one.
+        assert sorted(p.name for p in paths.samples.parent.iterdir()) == ["compare", "samples.parquet",
+                                                                           "sampling.json"]
+        assert [p.name for p in paths.compare_set("ddim-5").parent.iterdir()] == ["ddim-5.parquet"]
     images1, labels1 = results[1]
     assert images1.shape == (40, 28, 28) and images1.dtype == np.uint8
     for actors in (0, 2):
         assert results[actors][0].tobytes() == images1.tobytes()
         assert np.array_equal(results[actors][1], labels1)
+        assert compared[actors].tobytes() == compared[1].tobytes()
     assert len(np.unique(images1.reshape(40, -1), axis=0)) == 40  # different seeds, different images
 
 

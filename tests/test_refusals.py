@@ -152,3 +152,34 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(smoke_run, capsys, 
 
         events = read_events(smoke_run / ".ray", f"unet-{smoke_run.name}")
         assert [e["event"] for e in events].count("start") == 2  # the first run, then one attempt: no restarts
+
+
+def test_a_sample_stage_stopped_part_way_leaves_the_old_sets(smoke_run):
+    """Every set of the sample stage (the main one, then the compared ones) moves into place only when all are
+    done: a stage that dies while drawing the compared set leaves the earlier samples, not a mix."""
+    import torch
+
+    from ddpm.config import load_config
+    from ddpm.generate import load_for_sampling, sample_shard
+    from ddpm.run_folder import RunPaths
+    from ddpm.stages import sample, shard_file, train_unet
+
+    paths = RunPaths(smoke_run)
+    cfg = load_config("smoke", overrides={"train.epochs": 1, "sample.num_samples": 32, "sample.batch_size": 8})
+    train_unet(cfg, paths, progress=False)
+    sample(cfg, paths, progress=False)
+    before = {p: p.read_bytes() for p in (paths.samples, paths.sampling, paths.compare_set("ddim-5"))}
+
+    def dies_on_the_compared_set(cfg, paths, shards, folder):
+        if cfg.sample.sampler == "ddim":
+            raise RuntimeError("killed while drawing the compared set")
+        model, cfg, diffusion = load_for_sampling(cfg, paths.model, torch.device("cpu"))
+        for shard in shards:
+            sample_shard(model, diffusion, cfg, shard, shard_file(folder, shard))
+
+    changed = load_config("smoke", overrides={"sample.num_samples": 32, "sample.batch_size": 8, "sample.seed": 7})
+    with pytest.raises(RuntimeError, match="compared set"):
+        sample(changed, paths, progress=False, run_shards=dies_on_the_compared_set)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in paths.samples.parent.rglob("*")) == sorted(
+        ["compare", "ddim-5.parquet", "samples.parquet", "sampling.json"])
