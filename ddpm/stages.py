@@ -119,8 +119,9 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
                      ) -> dict[str, Any]:
     """Train the LeNet evaluator into the run folder. With `cache`, an evaluator trained before on the same data
     with the same classifier config is reused, so FLDs of runs that share it stay comparable."""
-    cached = cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt" if cache is not None else None
-    with _cache_lock(cache, f"lenet-{lenet_key(cfg)}"):  # a concurrent run with the same key waits, then reuses
+    entry = f"lenet-{lenet_key(cfg)}"
+    cached = cache / entry / "lenet.pt" if cache is not None else None
+    with _cache_lock(cache, entry):  # a concurrent run with the same key waits, then reuses
         reused = cached is not None and cached.exists() and \
             load_lenet(cached)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
         if reused:
@@ -251,14 +252,13 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     fld = {f"{name}_vs_test": frechet_lenet_distance(features[name], features["test"])
            for name in ("generated", "test", "train", "uniform_noise")}
     gen_hist, test_hist = label_histogram(predicted["generated"]), label_histogram(predicted["test"])
-    shares = gen_hist / gen_hist.sum() / (test_hist / test_hist.sum())
     result = {
         "fld": fld,
         "fld_ratio_to_train": {name: value / fld["train_vs_test"] for name, value in fld.items()},
         "class_mean_distance": mean_distance,
         "label_histogram": {"generated": gen_hist.tolist(), "test": test_hist.tolist()},
         "label_imbalance_tv": histogram_imbalance(gen_hist, test_hist),
-        "digit_share_max_deviation": float(np.abs(shares - 1).max()),  # 0.25: some digit off its share by 25%
+        "digit_share_max_deviation": digit_share_deviation(gen_hist, test_hist),
         "memorisation": memorisation(nearest_distances(generated, train_all), nearest_distances(test_x, train_all)),
         "lenet": {"test_accuracy": lenet_metrics["test_accuracy"],
                   "evaluator_id": lenet_metrics["evaluator_id"]},
@@ -275,6 +275,12 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     return result
 
 
+def digit_share_deviation(hist: np.ndarray, test_hist: np.ndarray) -> float:
+    """The largest relative deviation of a digit's share from its test share (0.25: some digit off by 25%)."""
+    shares = hist / hist.sum() / (test_hist / test_hist.sum())
+    return float(np.abs(shares - 1).max())
+
+
 def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: torch.device,
                   features: dict[str, np.ndarray], test_hist: np.ndarray, train_fld: float, progress: bool
                   ) -> list[dict[str, Any]]:
@@ -289,13 +295,13 @@ def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: 
         feats, predicted = extract_lenet_outputs(lenet, uint8_to_model(images).unsqueeze(1), cfg.eval.batch_size,
                                                  device, progress=progress)
         hist = label_histogram(predicted)
-        shares = hist / hist.sum() / (test_hist / test_hist.sum())
         fld = frechet_lenet_distance(feats, features["test"])
         main_fld = frechet_lenet_distance(features["generated"][:n], features["test"])
         rows.append({"name": entry["name"], "sampler": entry["sampler"], "steps": entry["steps"],
                      "guidance_scale": entry["guidance_scale"], "images": n, "fld": fld,
                      "fld_ratio_to_train": fld / train_fld, "main_fld_same_seeds": main_fld,
-                     "label_histogram": hist.tolist(), "digit_share_max_deviation": float(np.abs(shares - 1).max()),
+                     "label_histogram": hist.tolist(),
+                     "digit_share_max_deviation": digit_share_deviation(hist, test_hist),
                      "images_per_s": entry["images_per_s"]})
     return rows
 
