@@ -60,7 +60,7 @@ def train_lenet(cfg: ClassifierConfig, data_dir: Path, out_path: Path, device: t
     loader = make_loader(train_x, train_y, cfg.batch_size, shuffle=True, seed=cfg.seed)
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         model.train()
         bar = tqdm(loader, desc=f"LeNet epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for x, y in bar:

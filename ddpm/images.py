@@ -77,9 +77,12 @@ def _save_figure(plt, fig, path: Path) -> Path:
 
 
 def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    """Train and validation loss per epoch; with epoch FLDs, a second panel shows them and marks the best."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scored = [h for h in history if h.get("fld") is not None]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation (EMA weights)")
     ax.set_xlabel("epoch")
@@ -87,6 +90,17 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("U-Net training")
     ax.legend()
     ax.grid(alpha=0.3)
+    if scored:
+        ax = axes[0][1]
+        ax.plot([h["epoch"] for h in scored], [h["fld"] for h in scored], "d-", color="tab:green")
+        best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))
+        ax.plot([best["epoch"]], [best["fld"]], "*", color="tab:red", markersize=14,
+                label=f"best: epoch {best['epoch']} ({best['fld']:.2f})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("FLD vs test (lower is better)")
+        ax.set_title("Sample quality per epoch (EMA weights)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     return _save_figure(plt, fig, path)
 
 

@@ -28,6 +28,7 @@ from ddpm.classifier import load_lenet, train_lenet
 from ddpm.config import Config, compare_sets
 from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.epoch_fld import check_evaluator, finish_training, score_epoch, selection
 from ddpm.errors import UserError
 from ddpm.generate import (
     Shard,
@@ -54,7 +55,7 @@ from ddpm.metrics import (
 )
 from ddpm.pixels import uint8_to_model
 from ddpm.run_folder import RunPaths
-from ddpm.training import fit, resolve_device
+from ddpm.training import EpochMetrics, fit, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
 
@@ -135,9 +136,20 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
 
 
 def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Train in this process (resuming from the run's last checkpoint). `flows.distributed.train_with_ray`
-    runs the same `fit` on Ray Train workers."""
-    return fit(cfg, paths, progress=progress)
+    """Train in this process (resuming from the run's last checkpoint), scoring each epoch's samples as it ends,
+    then export the epoch `train.export` picks. `flows.distributed.train_with_ray` runs the same `fit` on Ray
+    Train workers, and scores epochs in Ray Train validation tasks."""
+    check_evaluator(cfg, paths)
+    device = resolve_device(cfg.train.device)
+
+    def score(metrics: EpochMetrics) -> None:
+        if cfg.train.epoch_fld_samples > 0:
+            fld = score_epoch(cfg, paths, metrics.epoch, device)["fld"]
+            if progress:
+                tqdm.write(f"epoch {metrics.epoch}: FLD {fld:.3f} on {cfg.train.epoch_fld_samples} images")
+
+    fit(cfg, paths, device=device, progress=progress, on_epoch=score)
+    return finish_training(cfg, paths, device=device, progress=progress)
 
 
 # Computes every shard into a folder (as `sample_shard` files): where the work runs is the caller's choice.
@@ -265,6 +277,7 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "counts": {name: len(images) for name, images in sets.items()} | {"memorisation_reference": len(train_all)},
         "sampler": {"name": cfg.sample.sampler, "ddim_steps": cfg.sample.ddim_steps, "eta": cfg.sample.eta,
                     "guidance_scale": cfg.sample.guidance_scale, "conditional": cfg.unet.num_classes > 0},
+        "model": selection(paths) if paths.model.is_file() else None,  # which epoch, and why
     }
     result["compare"] = _compare_sets(cfg, paths, lenet, device, features, test_hist, fld["train_vs_test"], progress)
     plot_label_histogram(gen_hist, test_hist, paths.histogram_png)
@@ -323,7 +336,7 @@ def _sampler_label(name: str, steps: int, guidance: float | None) -> str:
 
 def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
-    s, counts, m = result["sampler"], result["counts"], result["memorisation"]
+    s, counts, m, chosen = result["sampler"], result["counts"], result["memorisation"], result.get("model")
     conditional = s.get("conditional", False)
     sampler = _sampler_label(s["name"], s["ddim_steps"], s["guidance_scale"] if conditional else None)
     names = {"test": "test (vs itself)", "train": "train", "generated": f"generated ({sampler})",
@@ -367,6 +380,7 @@ def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | N
         f"{m['generated_median_nn']:.2f}, held-out test images {m['heldout_median_nn']:.2f}",
         f"- near-copies (closer than all but {m['heldout_share_below']:.0%} of test images, "
         f"< {m['near_copy_threshold']:.2f}): {m['near_copy_share']:.2%} of generated images",
+        *(["", f"- model: epoch {chosen['epoch']} of {chosen['epochs']} ({chosen['reason']})"] if chosen else []),
         "", f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy "
         f"{result['lenet']['test_accuracy']:.4f})",
         "", *(f"- {name}: {link}" for name, link in (links or {}).items() if link),

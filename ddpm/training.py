@@ -13,13 +13,14 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ddpm.checkpoints import (
@@ -85,16 +86,58 @@ class EpochMetrics:
     images_per_s: float
     seconds: float
     step: int
+    workers: int = 1  # processes that trained this epoch (elastic runs change it)
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """This rank's part of each global batch, so that the batches do not depend on how many workers share them.
+
+    Every rank draws the same seeded permutation per epoch and cuts it into global batches of `batch_size`
+    (dropping the short last one); rank r takes rows [r B / W, (r + 1) B / W) of each, so shares differ by at
+    most one image where W does not divide B. An elastic run that loses a worker therefore takes the same
+    optimizer steps, on the same images, as one that did not; resuming replays the order of an uninterrupted run.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.lo, self.hi = rank * batch_size // world_size, (rank + 1) * batch_size // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for first in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[first + self.lo : first + self.hi]
+
+
+class Shard(torch.utils.data.Sampler):
+    """Every world_size-th index from `rank`, in order (validation: sums are all-reduced, so shares may differ)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
 
 
 def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """A loader over this rank's shard. DistributedSampler with world_size=1 also gives a seeded shuffle that
-    `set_epoch` makes reproducible, so resuming replays exactly the order an uninterrupted run would use."""
+    """Training (`shuffle`): this rank's part of every global batch of `batch_size` (`GlobalBatches`). Otherwise
+    this rank's shard of the data in batches of `batch_size`."""
     dataset = TensorDataset(images, labels)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle, pin_memory=pin_memory)
+    if shuffle:
+        return DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, seed, rank, world_size),
+                          pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, sampler=Shard(len(dataset), rank, world_size),
+                      pin_memory=pin_memory)
 
 
 def _process_group() -> tuple[int, int]:
@@ -142,7 +185,7 @@ class DiffusionTrainer:
                     on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
         """One pass over this rank's `loader`; returns (summed loss * images, images)."""
         self.train_model.train()
-        loader.sampler.set_epoch(self.epoch)
+        loader.batch_sampler.set_epoch(self.epoch)
         self._reseed(0)
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", disable=not progress,
@@ -157,12 +200,27 @@ class DiffusionTrainer:
         return total, count
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step (loss, backward, clipping, AdamW, EMA) on a batch; returns its loss."""
+        """One optimizer step (loss, backward, clipping, AdamW, EMA) on this rank's part of a global batch;
+        returns the loss of that part.
+
+        The gradient is the global batch's mean whatever the worker count: DDP averages over W ranks, so each
+        rank's mean loss is weighted by its share, n_r W / B (shares differ by one where W does not divide B).
+        A share above `train.micro_batch` is split into micro-batches whose gradients accumulate, all-reduced
+        once, after the last."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        loss = self._loss(self.train_model, x, y, self.cfg.train.p_uncond)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        cap = self.cfg.train.micro_batch or len(x)
+        parts = list(zip(x.split(cap), y.split(cap), strict=True))
+        scale = self.world_size / self.cfg.train.batch_size  # per image: n_r W / B over the rank's n_r images
+        total = torch.zeros((), device=self.device)
+        for i, (xb, yb) in enumerate(parts):
+            sync = i == len(parts) - 1 or self.world_size == 1
+            with nullcontext() if sync else self.train_model.no_sync():
+                part_loss = self._loss(self.train_model, xb, yb, self.cfg.train.p_uncond)
+                (part_loss * (len(xb) * scale)).backward()
+            total = total + part_loss.detach().float() * len(xb)
+        loss = total / len(x)
         # Checked after backward: under DDP the gradients are all-reduced, so a NaN on any rank reaches every
         # rank's norm and all ranks stop together (a check of the local loss alone would leave the others
         # waiting in the next all-reduce). Nothing is applied: the weights stay the last finite ones.
@@ -252,15 +310,17 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
         on_batch: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Train to `cfg.train.epochs`, resuming from the run's last checkpoint; returns the history.
 
-    Rank 0 writes unet/checkpoints/epoch_NNN.pt and last.pt after every epoch, history.json, loss_curves.png,
-    and finally model.pt (the sampling weights). `on_epoch` runs on every rank after the epoch's files are
-    written (Ray reports there); `on_batch(epoch, batch_index)` before every batch (a test's fault switch).
+    Rank 0 writes unet/checkpoints/epoch_NNN.pt and last.pt after every epoch, history.json and loss_curves.png.
+    `on_epoch` runs on every rank after the epoch's files are written (in-process training scores the epoch
+    there, Ray reports it); `on_batch(epoch, batch_index)` before every batch (a test's fault switch). Which
+    epoch becomes model.pt is `ddpm.epoch_fld.finish_training`'s choice, once every epoch is scored.
     """
     from ddpm.images import plot_loss_curves
 
     rank, world = _process_group()
-    if cfg.train.batch_size % world:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} is not a multiple of the {world} workers")
+    if cfg.train.batch_size < world:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is the global batch: {world} workers need at "
+                        "least one image each")
     device = device or resolve_device(cfg.train.device)
     state = load_training_state(paths)
     if state is not None:
@@ -278,7 +338,7 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
     pin = device.type == "cuda"
-    train_loader = make_loader(train_x, train_y, cfg.train.batch_size // world, shuffle=True,
+    train_loader = make_loader(train_x, train_y, cfg.train.batch_size, shuffle=True,
                                seed=cfg.train.seed, rank=rank, world_size=world, pin_memory=pin)
     val_loader = make_loader(val_x, val_y, VAL_BATCH, shuffle=False, seed=0, rank=rank, world_size=world)
     history = json.loads(paths.history.read_text()) if paths.history.exists() else []
@@ -294,7 +354,8 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
         train_sum, train_count, val_sum, val_count = _sum_over_ranks(
             [train_sum, train_count, val_sum, val_count], world, device)
         metrics = EpochMetrics(trainer.epoch, train_sum / max(train_count, 1), val_sum / max(val_count, 1),
-                               train_count / max(train_seconds, 1e-9), time.perf_counter() - start, trainer.step)
+                               train_count / max(train_seconds, 1e-9), time.perf_counter() - start, trainer.step,
+                               world)
         history.append(asdict(metrics))
         if rank == 0:
             epoch_file = paths.epoch_checkpoint(trainer.epoch)
@@ -307,21 +368,25 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
                            f"{metrics.images_per_s:.0f} img/s")
         if on_epoch is not None:
             on_epoch(metrics)
-    if rank == 0:
-        export_model(trainer.state_dict(), paths)
     return history
 
 
-def export_model(state: dict[str, Any], paths: RunPaths) -> None:
-    """From a training state, keep what sampling needs: the sampling weights (EMA where kept) and the config."""
+def sampling_weights(state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """From a training state, what sampling needs: the sampling weights (EMA where kept) and the config, as a
+    `model.pt`-kind checkpoint; `extra` adds fields (e.g. why this epoch was chosen)."""
     weights = state["ema"] if state.get("ema") is not None else state["model"]
-    save_checkpoint({"kind": UNET, "config": state["config"], "model": weights, "epoch": state["epoch"],
-                     "step": state["step"]}, paths.model)
+    return {"kind": UNET, "config": state["config"], "model": weights, "epoch": state["epoch"],
+            "step": state["step"], **extra}
 
 
 def load_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild a trained U-Net (eval mode) and the config it was trained with, from `model.pt`."""
     state = load_checkpoint(path, (UNET,), "train a model first with `ddpm train --out RUN_DIR`")
+    return model_from_weights(state, path, device)
+
+
+def model_from_weights(state: dict[str, Any], path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """The U-Net (eval mode) and its config from a `model.pt`-kind state (`sampling_weights`) read from `path`."""
     cfg = checkpoint_config(state, path)
     model = build_unet(cfg.unet, cfg.diffusion.timesteps)
     try:

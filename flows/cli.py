@@ -1,6 +1,6 @@
 """`ddpm`: each pipeline stage as a command over a run folder, plus the whole pipeline.
 
-    ddpm data --out R [--mirror DIR]     ddpm train --out R [--workers N]
+    ddpm data --out R [--mirror DIR]     ddpm train --out R [--workers N|MIN-MAX]
     ddpm train-classifier --out R        ddpm sample --out R [--workers N]
     ddpm evaluate --out R                ddpm pipeline [--out R]
     ddpm model-summary
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ddpm.config import Config, ConfigError, load_config, parse_overrides
+from ddpm.config import Config, ConfigError, load_config, parse_overrides, worker_range
 from ddpm.errors import UserError
 
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("train-classifier", help="train the LeNet-5 evaluator"))
     p = sub.add_parser("train", help="train the U-Net (Ray Train with --workers N > 1)")
     _common(p)
-    p.add_argument("--workers", type=int, help="Ray Train workers (train.num_workers)")
+    p.add_argument("--workers", help="Ray Train workers (train.num_workers): N, or MIN-MAX to train elastically")
     p = sub.add_parser("sample", help="generate images (Ray actors with --workers N > 1)")
     _common(p)
     p.add_argument("--workers", type=int, help="Ray sampling actors (sample.num_actors)")
@@ -101,7 +101,7 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
         result: object = {"counts": stages.prepare_data(cfg, paths, progress=progress)["counts"]}
     elif command == "train-classifier":
         result = stages.train_classifier(cfg, paths, progress=progress)
-    elif command == "train" and cfg.train.num_workers > 1:
+    elif command == "train" and worker_range(cfg.train)[1] > 1:
         from flows.distributed import train_with_ray
 
         result = train_with_ray(cfg, paths, progress=progress)[-1]

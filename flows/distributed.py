@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,11 +25,13 @@ from typing import Any
 import torch
 
 from ddpm import stages
-from ddpm.config import Config, config_from_dict
+from ddpm.checkpoints import TRAINING_STATE, load_checkpoint, save_checkpoint
+from ddpm.config import Config, config_from_dict, worker_range
+from ddpm.epoch_fld import check_evaluator, finish_training
 from ddpm.errors import UserError, first_line
 from ddpm.generate import Shard
 from ddpm.run_folder import RunPaths
-from ddpm.training import EpochMetrics, NonFiniteLossError, fit
+from ddpm.training import EpochMetrics, NonFiniteLossError, fit, resolve_device, sampling_weights
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -124,14 +127,14 @@ def read_events(storage: Path, name: str) -> list[dict[str, Any]]:
 def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[str, float]:
     m = metrics if isinstance(metrics, dict) else asdict(metrics)
     return {"train_loss": m["train_loss"], "val_loss": m["val_loss"], "images_per_s": m["images_per_s"],
-            "epoch_seconds": m["seconds"]}
+            "epoch_seconds": m["seconds"], "workers": m.get("workers", 1)}
 
 
-def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None:
-    """Live curves: rank 0 logs each epoch to the stage's MLflow run as it ends. A tracking hiccup must not
-    kill or stall training: the driver logs whatever is missing once training is done. So one try, without
-    MLflow's minutes of retries (this process uses MLflow for nothing else), and after a failure no more tries
-    in this worker (`tracking["failed"]`)."""
+def _track(tracking: dict[str, Any] | None, values: dict[str, float], step: int) -> None:
+    """Live curves: an epoch's values logged to the stage's MLflow run as soon as they exist (rank 0's losses,
+    a validation task's FLD). A tracking hiccup must not kill or stall training: the driver logs whatever is
+    missing once training is done. So one try, without MLflow's minutes of retries (these processes use MLflow
+    for nothing else), and after a failure no more tries in this process (`tracking["failed"]`)."""
     if not tracking or tracking.get("failed"):
         return
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -141,12 +144,29 @@ def _track_epoch(tracking: dict[str, str] | None, metrics: EpochMetrics) -> None
 
         now = int(time.time() * 1000)
         MlflowClient(tracking["uri"]).log_batch(tracking["run_id"], metrics=[
-            Metric(key, float(value), now, metrics.epoch)
-            for key, value in epoch_metrics_for_tracking(metrics).items()])
+            Metric(key, float(value), now, step) for key, value in values.items()])
     except Exception as exc:  # noqa: BLE001 - see docstring
         tracking["failed"] = True
-        print(f"warning: could not log epoch {metrics.epoch} to MLflow ({first_line(exc)}); the driver logs the "
-              "curve once training ends", flush=True)
+        print(f"warning: could not log epoch {step} to MLflow ({first_line(exc)}); the driver logs the curve "
+              "once training ends", flush=True)
+
+
+def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str, threads: int,
+                   tracking: dict[str, str] | None = None) -> dict[str, float]:
+    """Ray Train's validation function: runs as a Ray task on each epoch's reported checkpoint (its sampling
+    weights) while the workers train on, and scores it (`ddpm.epoch_fld`): the score file in the run folder,
+    the `epoch_fld` curve in MLflow, and Ray's own record of the checkpoint."""
+    from ddpm.checkpoints import UNET, load_checkpoint
+    from ddpm.epoch_fld import score_weights
+
+    torch.set_num_threads(threads)
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / "model.pt"
+        score = score_weights(config_from_dict(config), RunPaths(Path(run_dir)),
+                              load_checkpoint(path, (UNET,), ""), path, "cpu")
+    _log_event(Path(events), event="scored", epoch=score["epoch"], fld=score["fld"])
+    _track(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
+    return {"epoch_fld": score["fld"], "epoch": score["epoch"]}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -182,11 +202,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             os._exit(1)
 
     def on_epoch(metrics: EpochMetrics) -> None:
-        if rank == 0:
-            _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
-                       val_loss=metrics.val_loss)
-            _track_epoch(loop_config.get("mlflow"), metrics)
-        ray.train.report(asdict(metrics))
+        if rank != 0:
+            ray.train.report(asdict(metrics))
+            return
+        _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
+                   val_loss=metrics.val_loss, workers=metrics.workers)
+        _track(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
+        if not cfg.train.epoch_fld_samples:
+            ray.train.report(asdict(metrics))
+            return
+        # The epoch's sampling weights as a Ray checkpoint: Ray Train hands it to `validate_epoch` in a task of
+        # its own, so scoring overlaps the next epoch's training.
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(sampling_weights(load_checkpoint(paths.epoch_checkpoint(metrics.epoch),
+                                                             (TRAINING_STATE,), "")), Path(folder) / "model.pt")
+            ray.train.report(asdict(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             validation=True)
 
     try:
         fit(cfg, paths, device=device, progress=False, on_epoch=on_epoch,
@@ -209,32 +240,46 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
     `fault_at_epoch` is for tests only: rank 0's process dies once during that epoch.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, ValidationConfig, ValidationTaskConfig
     from ray.train.torch import TorchTrainer
 
+    check_evaluator(cfg, paths)
     init_ray()
     storage = (paths.root / ".ray").resolve()  # Ray's run state and events, beside the run's own files
     name = ray_run_name(paths)
+    events = str(_events_path(storage, name))
     use_gpu = _use_gpu(cfg)
+    fewest, most = worker_range(cfg.train)
+    validation = None
+    if cfg.train.epoch_fld_samples:
+        # No CPU reserved: the workers hold the node's CPUs, and a task waiting for one would score every epoch
+        # only once training ends. On CPU it takes one thread beside them; on a GPU node, half its cores.
+        threads = cpu_share(2) if use_gpu else 1
+        kwargs = {"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
+                  "threads": threads, "tracking": tracking}
+        validation = ValidationConfig(validate_epoch, task_config=ValidationTaskConfig(fn_kwargs=kwargs),
+                                      ray_remote_kwargs={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()),
-                           "events": str(_events_path(storage, name)), "mlflow": tracking,
-                           "fault_at_epoch": fault_at_epoch},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu),
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
+                           "mlflow": tracking, "fault_at_epoch": fault_at_epoch},
+        # A range makes Ray Train elastic: it starts with as many workers as the cluster can hold (at least
+        # `fewest`), restarts with fewer after losing one, and grows again when the resources return.
+        scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        validation_config=validation,
     )
     if progress:
-        print(f"Ray Train: {cfg.train.num_workers} workers ({'GPU' if use_gpu else 'CPU'}), run {name}, "
-              f"storage {storage}", flush=True)
+        print(f"Ray Train: {cfg.train.num_workers} workers{' (elastic)' if fewest < most else ''} "
+              f"({'GPU' if use_gpu else 'CPU'}), run {name}, storage {storage}", flush=True)
     attempt = len(read_events(storage, name))
     trainer.fit()
     refused = [e for e in read_events(storage, name)[attempt:] if e["event"] == "refused"]
     if refused:
         error = {"NonFiniteLossError": NonFiniteLossError}.get(refused[-1]["error"], UserError)
         raise error(refused[-1]["message"])
-    return json.loads(paths.history.read_text())
+    return finish_training(cfg, paths, device=resolve_device(cfg.train.device), progress=progress)
 
 
 class SamplerActor:

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
 from ddpm.config import Config, load_config
+from ddpm.epoch_fld import selection
 from ddpm.errors import UserError
 from ddpm.locks import exclusive
 from ddpm.models import LeNet5, build_unet, count_parameters
@@ -113,13 +114,21 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
-                                "num_workers": cfg.train.num_workers})
+                                "num_workers": cfg.train.num_workers})  # "N", or "MIN-MAX" (elastic)
         history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id})
-        # Rank 0 logged epochs live; add what it did not (epochs of an earlier attempt, or a tracking hiccup).
-        logged = tracker.logged_steps(run_id, "train_loss")
+        # Rank 0 logged losses live, and Ray Train's validation tasks each epoch's FLD; add what they did not
+        # (epochs of an earlier attempt, scores the driver computed, a tracking hiccup).
+        logged, scored = tracker.logged_steps(run_id, "train_loss"), tracker.logged_steps(run_id, "epoch_fld")
         for h in history:
             if h["epoch"] not in logged:
                 tracker.metrics(run_id, epoch_metrics_for_tracking(h), step=h["epoch"])
+            if "fld" in h and h["epoch"] not in scored:
+                tracker.metrics(run_id, {"epoch_fld": h["fld"]}, step=h["epoch"])
+        chosen = selection(paths)
+        tracker.tag(run_id, {"model_epoch": chosen["epoch"], "model_selection": chosen["reason"]})
+        tracker.metrics(run_id, {"model_epoch": chosen["epoch"]})
+        get_run_logger().info("U-Net: epoch %d of %d becomes the model (%s)", chosen["epoch"], chosen["epochs"],
+                              chosen["reason"])
         tracker.artifact(run_id, paths.loss_png)
         tracker.artifact(run_id, paths.history)
         tracker.artifact(run_id, paths.model, "checkpoints")
@@ -185,6 +194,7 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
         version = tracker.register_unet(tracker.parent_id, paths.model, {
             "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
             "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
+            "model_epoch": (result.get("model") or {}).get("epoch", "unknown"),
         }, description=version_description(result, cfg))
         if version is None:  # MLflow went away (the flow reports it at the end)
             return {"promoted": False, "reason": "not registered: MLflow did not answer", "version": None}
@@ -200,9 +210,10 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
 def version_description(result: dict[str, Any], cfg: Config) -> str:
     """The report's headline figures, shown on the registered version in the MLflow UI."""
     fld, ratio = result["fld"]["generated_vs_test"], result["fld_ratio_to_train"]["generated_vs_test"]
-    s = result["sampler"]
+    s, chosen = result["sampler"], result.get("model") or {}
+    epoch = f", epoch {chosen['epoch']} of {chosen['epochs']} ({chosen['reason']})" if chosen else ""
     return (f"FLD {fld:.3f} against the test set ({ratio:.2f}x train-vs-test) on {result['counts']['generated']:,} "
-            f"{s['name']} samples, profile {cfg.profile}; label imbalance {result['label_imbalance_tv']:.3f}; "
+            f"{s['name']} samples, profile {cfg.profile}{epoch}; label imbalance {result['label_imbalance_tv']:.3f}; "
             f"near-copies {result['memorisation']['near_copy_share']:.2%}; evaluator {result['lenet']['evaluator_id']}")
 
 

@@ -40,13 +40,43 @@ def prepared_data(tmp_path_factory, mirror) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_lenet(tmp_path_factory, prepared_data) -> Path:
+    """The smoke profile's LeNet evaluator, trained once for the session (U-Net training scores each epoch
+    with it, as the pipeline's run folder has it by then)."""
+    import torch
+
+    from ddpm.classifier import train_lenet
+    from ddpm.config import load_config
+
+    out = tmp_path_factory.mktemp("lenet") / "lenet.pt"
+    train_lenet(load_config("smoke").classifier, prepared_data, out, torch.device("cpu"), progress=False)
+    return out
+
+
+def new_run_folder(root: Path, prepared_data: Path, lenet: Path | None) -> Path:
+    """A run folder whose data stage is done (linked to the session's prepared data) and, with `lenet`, whose
+    evaluator is trained."""
+    import shutil
+
+    root.mkdir(parents=True)
+    (root / "data").symlink_to(prepared_data, target_is_directory=True)
+    if lenet is not None:
+        (root / "classifier").mkdir()
+        shutil.copy(lenet, root / "classifier" / "lenet.pt")
+    return root
+
+
 @pytest.fixture
-def smoke_run(tmp_path, prepared_data) -> Path:
-    """A fresh run folder whose data stage is already done (linked to the session's prepared data)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "data").symlink_to(prepared_data, target_is_directory=True)
-    return run
+def make_run(prepared_data, smoke_lenet):
+    """new_run_folder with the session's data and (unless lenet=False) evaluator: make_run(path) -> path."""
+    return lambda root, lenet=True: new_run_folder(root, prepared_data, smoke_lenet if lenet else None)
+
+
+@pytest.fixture
+def smoke_run(tmp_path, prepared_data, smoke_lenet) -> Path:
+    """A fresh run folder with the data and LeNet stages done: where U-Net training starts."""
+    return new_run_folder(tmp_path / "run", prepared_data, smoke_lenet)
 
 
 def pytest_unconfigure(config):

@@ -124,8 +124,13 @@ def test_failed_stage_leaves_the_run_folder_as_it_was(tmp_path, mirror, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--out", "{run}", "--set", "train.epochs=0"], "train.epochs=0 must be >= 1"),
-    (["train", "--out", "{run}", "--set", "train.batch_size=33", "--workers", "2"],
-     "train.batch_size=33 is the global batch and must be a multiple of train.num_workers=2"),
+    (["train", "--out", "{run}", "--set", "train.batch_size=1", "--workers", "1-2"],
+     "train.batch_size=1 is the global batch, split across up to 2 workers"),
+    (["train", "--out", "{run}", "--workers", "3-2"], "train.num_workers='3-2': need 1 <= MIN <= MAX"),
+    (["train", "--out", "{run}", "--workers", "two"], "write a count (2) or an elastic range MIN-MAX"),
+    (["train", "--out", "{run}", "--profile", "smoke"], "ddpm train-classifier --out"),
+    (["train", "--out", "{run}", "--profile", "smoke", "--set", "train.epoch_fld_samples=0"],
+     "train.export='best' picks the epoch with the lowest epoch FLD"),
     (["train", "--out", "{run}", "--set", "nope.key=1"], "unknown config section 'nope'"),
     (["train", "--out", "{run}", "--set", "train.epoch=1"], "unknown config key 'train.epoch'"),
     (["train", "--out", "{run}", "--set", "train.lr=fast"], "train.lr='fast' is not a valid float"),
@@ -166,7 +171,7 @@ def test_library_imports_no_orchestration_packages():
     assert result.stdout.strip() == "[]"
 
 
-def test_guidance_end_to_end_with_a_digit_grid(smoke_run, capsys):
+def test_guidance_end_to_end_with_a_digit_grid(smoke_run, make_run, capsys):
     """A conditional U-Net trained with label dropout samples a balanced set with guidance, and one digit on
     request; an unconditional one refuses --digit."""
     from ddpm.generate import read_samples
@@ -185,9 +190,7 @@ def test_guidance_end_to_end_with_a_digit_grid(smoke_run, capsys):
     assert main(["sample", "--digit", "10", *common]) == 2
     assert "--digit 10 must be in 0..9" in capsys.readouterr().err
 
-    uncond = smoke_run.parent / "uncond"
-    uncond.mkdir()
-    (uncond / "data").symlink_to((smoke_run / "data").resolve(), target_is_directory=True)
+    uncond = make_run(smoke_run.parent / "uncond")
     assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", "--out", str(uncond), "--quiet"]) == 0
     assert main(["sample", "--digit", "3", "--out", str(uncond), "--quiet"]) == 2
     assert "unconditional" in capsys.readouterr().err

@@ -112,5 +112,6 @@ def test_profiles_say_what_they_are():
     for name in ("cpu", "gpu", "original"):  # every real profile makes the pipeline's 10,000 samples
         assert load_config(name).sample.num_samples == 10_000
     cpu = load_config("cpu")
-    assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == (1, 1, "dpm++2m-sde")
+    assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == ("1", 1, "dpm++2m-sde")
+    assert (original.train.export, cpu.train.export) == ("last", "best")  # the original keeps its last epoch
     assert cpu.sample.ddim_steps <= 25  # the fast sampler's promise

@@ -166,3 +166,60 @@ def test_mlflow_going_away_mid_run_loses_nothing(tmp_path, mirror, mlflow_server
     assert set(attempts) == {"FINISHED", "KILLED"}  # the outage's parent run, left RUNNING, closed by the rerun
     champion = client.get_model_version_by_alias("mnist-ddpm-unet", "champion")
     assert champion.tags["pipeline_run_id"] == attempts["FINISHED"]
+
+
+def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror, make_run):
+    """`train.num_workers=1-2` on a two-node Ray cluster (two raylets on this machine, one CPU each): the flow
+    starts Ray Train with 2 workers; the node of one of them is removed during epoch 2; training goes on with 1
+    worker from the last checkpoint and takes the same optimizer steps as an uninterrupted run. Every epoch's FLD
+    reaches MLflow, and the exported model is the epoch that curve says is best."""
+    from ray.cluster_utils import Cluster
+
+    from ddpm.checkpoints import UNET, load_checkpoint
+    from ddpm.config import load_config
+    from ddpm.stages import RunPaths, train_unet
+    from flows.distributed import ray_run_name, read_events
+
+    settings = {"train.epochs": "3", "train.max_train_images": "1024", "train.num_workers": "1-2"}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "runs" / "elastic"
+        # After a node is lost, Ray Train first retries with the old size until its resource view catches up,
+        # for up to this long (60 s by default).
+        flow = pipeline(out, mirror, *(a for k, v in settings.items() for a in ("--set", f"{k}={v}")),
+                        env={"RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"})
+        storage, name = (out / ".ray").resolve(), ray_run_name(RunPaths(out))
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "epoch_end" for e in read_events(storage, name)) and time.monotonic() < deadline:
+            assert flow.poll() is None, flow.communicate()[0][-5000:]
+            time.sleep(0.2)
+        cluster.remove_node(second)
+        code, output = finish(flow)
+        assert code == 0, output[-5000:]
+    finally:
+        cluster.shutdown()
+
+    events = [e for e in read_events(storage, name) if e["event"] in ("start", "epoch_end")]
+    starts = [(e["world_size"], e["resumed_after_epoch"]) for e in events if e["event"] == "start"]
+    assert starts[0] == (2, 0) and starts[-1] == (1, 1), events
+    paths = RunPaths(out)
+    history = json.loads(paths.history.read_text())
+    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 1), (3, 1)]
+
+    # The same optimizer steps, epoch by epoch, as one uninterrupted worker on the same config.
+    straight = RunPaths(make_run(tmp_path / "straight"))
+    cfg = load_config("smoke", overrides={**settings, "train.num_workers": "1"})
+    assert [h["step"] for h in train_unet(cfg, straight, progress=False)] == [h["step"] for h in history]
+    assert history[-1]["step"] == 3 * (1024 // 32)
+
+    client = MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
+    parent = pipeline_runs(client, client.get_experiment_by_name("mnist-ddpm").experiment_id)[0]
+    train = children(client, parent.info.run_id)["train-unet"]
+    curve = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "epoch_fld")}
+    assert sorted(curve) == [1, 2, 3]
+    assert curve == pytest.approx({h["epoch"]: h["fld"] for h in history})
+    best = min(curve, key=curve.get)
+    assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == best
+    assert train.data.tags["model_epoch"] == str(best)

@@ -211,7 +211,7 @@ def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
         shutdown_ray()
     run = tmp_path / "guided"
     _, trained = load_model(run / "unet" / "model.pt")
-    assert trained.unet.num_classes == 10 and trained.train.num_workers == 2
+    assert trained.unet.num_classes == 10 and trained.train.num_workers == "2"
     _, labels = read_samples(run / "samples" / "samples.parquet")
     assert np.bincount(labels, minlength=10).tolist() == [4] * 10
     evaluation = json.loads((run / "evaluation.json").read_text())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
+from ddpm.checkpoints import TRAINING_STATE, UNET, load_checkpoint
 from ddpm.config import load_config
 from ddpm.generate import read_samples
 from ddpm.stages import RunPaths
@@ -33,7 +33,8 @@ def epoch_events(paths: RunPaths):
     from flows.distributed import ray_run_name, read_events
 
     events = read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
-    return [(e["event"], e.get("epoch", e.get("resumed_after_epoch"))) for e in events]
+    # Training's own events; "scored" (an epoch's FLD from a validation task) arrives asynchronously.
+    return [(e["event"], e.get("epoch", e.get("resumed_after_epoch"))) for e in events if e["event"] != "scored"]
 
 
 def layout(paths: RunPaths) -> set[str]:
@@ -43,13 +44,18 @@ def layout(paths: RunPaths) -> set[str]:
 
 
 def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_run):
-    from flows.distributed import train_with_ray
+    from flows.distributed import ray_run_name, read_events, train_with_ray
 
     paths = RunPaths(smoke_run)
     history = train_with_ray(smoke(**{"train.epochs": 2}), paths, progress=False)
     assert [h["epoch"] for h in history] == [1, 2]
     assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    # Each epoch scored by a Ray Train validation task on the checkpoint rank 0 reported, not by the driver.
+    scored = {e["epoch"]: e["fld"] for e in read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
+              if e["event"] == "scored"}
+    assert scored == {h["epoch"]: h["fld"] for h in history}
+    assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == min(scored, key=scored.get)
 
     # Same run folder, one more epoch: continues at epoch 3 from the epoch-2 checkpoint.
     history = train_with_ray(smoke(**{"train.epochs": 3}), paths, progress=False)
@@ -74,16 +80,14 @@ def test_worker_death_restarts_from_last_checkpoint(ray_local, smoke_run):
     assert load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")["step"] == 3 * (256 // 32)
 
 
-def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, prepared_data):
+def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, make_run):
     """In-process epoch 1 -> Ray epoch 2 -> in-process epoch 3 continues one run, and leaves exactly the files
     an in-process run of 3 epochs leaves."""
     from ddpm.stages import train_unet
     from flows.distributed import train_with_ray
 
     def folder(name):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "data").symlink_to(prepared_data, target_is_directory=True)
-        return RunPaths(tmp_path / name)
+        return RunPaths(make_run(tmp_path / name))
 
     def cfg(epochs, workers):
         return smoke(**{"train.epochs": epochs, "train.num_workers": workers, "train.max_train_images": 64,
@@ -101,6 +105,27 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
     assert layout(mixed) == layout(plain)
     assert {"unet/checkpoints/epoch_003.pt", "unet/checkpoints/last.pt", "unet/history.json", "unet/model.pt",
             "loss_curves.png"} <= layout(plain)
+
+
+def test_train_command_takes_an_elastic_range(ray_local, smoke_run):
+    """`ddpm train --workers 1-2` joins the running cluster ($RAY_ADDRESS), where both workers fit, and leaves the
+    cluster running."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    address = ray_local.get_runtime_context().gcs_address
+    done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run), "--profile",
+                           "smoke", "--workers", "1-2"], env={**os.environ, "RAY_ADDRESS": address},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ray Train: 1-2 workers (elastic)" in done.stdout
+    assert json.loads((smoke_run / "config.json").read_text())["train"]["num_workers"] == "1-2"
+    history = json.loads((smoke_run / "unet" / "history.json").read_text())
+    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2)] and all("fld" in h for h in history)
+    assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
 
 
 def test_conditional_unet_on_two_workers_sees_its_labels(ray_local, smoke_run):

@@ -26,11 +26,8 @@ def smoke(**overrides):
     return load_config("smoke", overrides={"train.epochs": 2, **overrides})
 
 
-def run_folder(tmp_path, prepared_data, name):
-    root = tmp_path / name
-    root.mkdir()
-    (root / "data").symlink_to(prepared_data, target_is_directory=True)
-    return RunPaths(root)
+def run_folder(make_run, tmp_path, name):
+    return RunPaths(make_run(tmp_path / name))
 
 
 def state_of(path):
@@ -50,15 +47,18 @@ def test_fit_writes_checkpoints_history_and_model(smoke_run):
     model, loaded_cfg = load_model(paths.model)
     assert loaded_cfg.unet == cfg.unet
     assert not model.training
-    # The exported weights are the EMA weights of the last checkpoint.
-    state = state_of(paths.last_checkpoint)
-    assert state["epoch"] == 2
+    # The exported weights are the EMA weights of the epoch with the lowest epoch FLD.
+    assert all(h["fld"] > 0 for h in history)
+    best = min(history, key=lambda h: h["fld"])["epoch"]
+    chosen = load_checkpoint(paths.model, (UNET,), "")
+    assert (chosen["epoch"], chosen["selection"]["rule"], chosen["selection"]["epochs"]) == (best, "best", 2)
+    state = state_of(paths.epoch_checkpoint(best))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["ema"][key])
 
 
-def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, prepared_data):
-    straight, split = run_folder(tmp_path, prepared_data, "a"), run_folder(tmp_path, prepared_data, "b")
+def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, make_run):
+    straight, split = run_folder(make_run, tmp_path, "a"), run_folder(make_run, tmp_path, "b")
     fit(smoke(**{"train.epochs": 3}), straight, progress=False)
     fit(smoke(**{"train.epochs": 2}), split, progress=False)
     history = fit(smoke(**{"train.epochs": 3}), split, progress=False)
@@ -71,8 +71,8 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, 
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
 
 
-def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, prepared_data):
-    paths = run_folder(tmp_path, prepared_data, "r")
+def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, make_run):
+    paths = run_folder(make_run, tmp_path, "r")
     fit(smoke(**{"train.epochs": 1}), paths, progress=False)
     before = paths.last_checkpoint.read_bytes()
     for key, value in (("unet.base_channels", 16), ("diffusion.timesteps", 30), ("diffusion.schedule", "linear")):
@@ -81,10 +81,10 @@ def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, prepared_
     assert paths.last_checkpoint.read_bytes() == before
 
 
-def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, prepared_data):
+def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, make_run):
     """Rows of the label embedding move only if their labels reached the network; p_uncond=0 leaves the null
     label's row untouched. (A model trained only on its null label would show the opposite.)"""
-    paths = run_folder(tmp_path, prepared_data, "c")
+    paths = run_folder(make_run, tmp_path, "c")
     cfg = smoke(**{"train.epochs": 1, "unet.num_classes": 10, "train.p_uncond": 0.0})
     fit(cfg, paths, progress=False)
     trained = state_of(paths.last_checkpoint)["model"]
@@ -94,9 +94,9 @@ def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, prepared
     assert (moved[:10] > 0).all() and moved[10] == 0
 
 
-def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, prepared_data):
+def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, make_run):
     cfg = smoke(**{"train.epochs": 2})
-    paths = run_folder(tmp_path, prepared_data, "n")
+    paths = run_folder(make_run, tmp_path, "n")
     fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     trainer = DiffusionTrainer(cfg, torch.device("cpu"))
     trainer.load_state_dict(load_training_state(paths))
