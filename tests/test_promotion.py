@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from ddpm.checkpoints import save_checkpoint
 from ddpm.config import ConfigError, load_config
 from ddpm.run_folder import RunPaths
-from ddpm.training import DiffusionTrainer, export_model
+from ddpm.training import DiffusionTrainer, sampling_weights
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def tracker(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("promotion")
     paths = RunPaths(root / "run")
-    export_model(DiffusionTrainer(load_config("smoke"), torch.device("cpu")).state_dict(), paths)
+    untrained = DiffusionTrainer(load_config("smoke"), torch.device("cpu")).state_dict()
+    save_checkpoint(sampling_weights(untrained), paths.model)
     tracker = Tracker.start(f"sqlite:///{root}/mlflow.db", "promotion-test", "run", root, tags={})
     tracker.model_path = paths.model
     return tracker
