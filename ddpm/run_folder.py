@@ -8,8 +8,9 @@ leave the same files:
     R/data/                           train/val/test Parquet + manifest.json
     R/classifier/lenet.pt             the LeNet evaluator (+ metrics)
     R/unet/checkpoints/epoch_NNN.pt   one training checkpoint per epoch; last.pt is a copy of the newest
-    R/unet/history.json               per-epoch losses and throughput
-    R/unet/model.pt                   the sampling (EMA) weights and the config that built them
+    R/unet/history.json               per-epoch losses, throughput, workers, step and epoch FLD
+    R/unet/epoch_fld/epoch_NNN.json   each epoch's sample-quality score (ddpm.epoch_fld)
+    R/unet/model.pt                   the sampling (EMA) weights of the chosen epoch, why, and the config
     R/samples/samples.parquet         generated images (uint8) with their index and label
     R/samples/sampling.json           how they were made: sampler, steps, guidance, seconds
     R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png, R/samples_by_digit.png

@@ -2,8 +2,10 @@
 
 `fit` is the only epoch loop. It runs in this process, or once per Ray Train worker: where torch.distributed
 is initialised (Ray's TorchTrainer sets up the process group), the model is wrapped in DistributedDataParallel
-and each rank trains on its shard of the data, as nanoGPT does. Whichever way it runs, rank 0 writes the same
-run folder (`ddpm.run_folder`) and resumes from it, so a run can continue in-process after Ray and vice versa.
+and each rank trains on its part of every global batch (`GlobalBatches`: the batches, and so the optimizer
+steps, do not depend on how many ranks there are). Whichever way it runs, rank 0 writes the same run folder
+(`ddpm.run_folder`) and resumes from it, so a run can continue in-process after Ray and vice versa, and an
+elastic Ray run can continue on fewer workers.
 """
 
 from __future__ import annotations

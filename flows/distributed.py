@@ -1,14 +1,16 @@
 """Ray: where the library's stages run. U-Net training on Ray Train workers, sampling on Ray actors.
 
 Ray adds no second copy of either stage. Every Train worker runs `ddpm.training.fit`, the loop the CLI runs
-in-process: Ray provides the process group (DDP over gloo on CPUs, NCCL on GPUs), each rank's shard of the data,
-and the place each epoch is reported. The sampling actors run `ddpm.generate.sample_shard` for the shards that
-`ddpm.stages.sample` plans and combines.
+in-process: Ray provides the process group (DDP over gloo on CPUs, NCCL on GPUs), each rank's part of every
+global batch, and the place each epoch is reported. Each report from rank 0 carries the epoch's sampling weights
+as a Ray checkpoint, which Ray Train scores in a validation task (`validate_epoch`, `ddpm.epoch_fld`) while the
+workers go on. A `MIN-MAX` worker count makes the run elastic. The sampling actors run
+`ddpm.generate.sample_shard` for the shards that `ddpm.stages.sample` plans and combines.
 
 The run folder is the source of truth: rank 0 writes every epoch's checkpoint there and every restart (after
-a lost worker, or a later `ddpm train`, in-process or on Ray) resumes from it. Ray Train V2 (2.60) has no
-`Trainer.restore` anyway; Ray's own storage only holds its run state and these events. Every worker must call
-`ray.train.report` the same number of times.
+a lost worker or node, or a later `ddpm train`, in-process or on Ray) resumes from it. Ray Train V2 (2.60) has
+no `Trainer.restore` anyway; Ray's own storage only holds its run state, the reported checkpoints and these
+events. Every worker must call `ray.train.report` the same number of times.
 """
 
 from __future__ import annotations

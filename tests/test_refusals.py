@@ -106,9 +106,7 @@ def test_broken_samples_and_checkpoint_configs_are_named(smoke_run, capsys):
     from ddpm.checkpoints import UNET
 
     samples = smoke_run / "samples" / "samples.parquet"
-    samples.parent.mkdir()
-    (smoke_run / "classifier").mkdir()
-    assert main(["train-classifier", "--profile", "smoke", "--out", str(smoke_run), "--quiet"]) == 0
+    samples.parent.mkdir()  # the run folder has its evaluator (smoke_run), so only the samples are at fault
     for content in (b"PAR1 truncated", None):
         if content is None:  # right column names, wrong types
             pq.write_table(pa.table({"index": [0], "label": [1], "image": [np.zeros(784, np.float32)]}), samples)
