@@ -82,7 +82,7 @@ def score_weights(cfg: Config, paths: RunPaths, weights: dict[str, Any], source:
     diffusion = GaussianDiffusion.from_config(draw.diffusion).to(device)
     s, n = draw.sample, draw.train.epoch_fld_samples
     images = []
-    for first in range(0, n, s.batch_size):  # the sample stage's batches: the same images as its first n
+    for first in range(0, n, s.batch_size):  # images 0..n-1, each from its own seed, as the sample stage draws them
         count = min(s.batch_size, n - first)
         result = run_sampler(model, diffusion, draw, image_noise(draw, first, count),
                              labels_for(first, count, draw.unet.num_classes))
@@ -151,7 +151,7 @@ def finish_training(cfg: Config, paths: RunPaths, *, device: torch.device | str 
                                 "train.export=last")
             best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))  # a tie goes to the later epoch
             chosen = best["epoch"]
-            reason = f"best epoch FLD ({best['fld']:.3f} on {cfg.train.epoch_fld_samples} images)"
+            reason = f"best epoch FLD: {best['fld']:.3f} on {cfg.train.epoch_fld_samples} images"
     plot_loss_curves(history, paths.loss_png)
     source = paths.epoch_checkpoint(chosen) if paths.epoch_checkpoint(chosen).is_file() else paths.last_checkpoint
     weights = epoch_weights(source)
