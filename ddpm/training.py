@@ -214,13 +214,15 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         cap = self.cfg.train.micro_batch or len(x)
         parts = list(zip(x.split(cap), y.split(cap), strict=True))
-        scale = self.world_size / self.cfg.train.batch_size  # per image: n_r W / B over the rank's n_r images
+        # A part's weight: its images' share of the global batch, times W for DDP's average (one process: the
+        # part's share of whatever batch it is given, exactly 1 for a single part).
+        share = len(x) if self.world_size == 1 else self.cfg.train.batch_size / self.world_size
         total = torch.zeros((), device=self.device)
         for i, (xb, yb) in enumerate(parts):
             sync = i == len(parts) - 1 or self.world_size == 1
             with nullcontext() if sync else self.train_model.no_sync():
                 part_loss = self._loss(self.train_model, xb, yb, self.cfg.train.p_uncond)
-                (part_loss * (len(xb) * scale)).backward()
+                (part_loss * (len(xb) / share)).backward()
             total = total + part_loss.detach().float() * len(xb)
         loss = total / len(x)
         # Checked after backward: under DDP the gradients are all-reduced, so a NaN on any rank reaches every

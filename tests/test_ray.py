@@ -5,11 +5,18 @@ Real Ray, started locally for this module; tiny `smoke` configs.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from ddpm.checkpoints import TRAINING_STATE, UNET, load_checkpoint
 from ddpm.config import load_config
+from ddpm.epoch_fld import read_scores
 from ddpm.generate import read_samples
 from ddpm.stages import RunPaths
 
@@ -57,10 +64,21 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     assert scored == {h["epoch"]: h["fld"] for h in history}
     assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == min(scored, key=scored.get)
 
-    # Same run folder, one more epoch: continues at epoch 3 from the epoch-2 checkpoint.
-    history = train_with_ray(smoke(**{"train.epochs": 3}), paths, progress=False)
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # Same run folder, one more epoch, from the command line with an elastic range (`ddpm train --workers 1-2`
+    # joins the running cluster through $RAY_ADDRESS, where both workers fit, and leaves it running): continues
+    # at epoch 3 from the epoch-2 checkpoint.
+    done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run),
+                           "--profile", "smoke", "--workers", "1-2", "--set", "train.epochs=3"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ray Train: 1-2 workers (elastic)" in done.stdout
+    assert json.loads(paths.config.read_text())["train"]["num_workers"] == "1-2"
+    assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
+    history = json.loads(paths.history.read_text())
+    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2), (3, 2)]
     assert epoch_events(paths)[3:] == [("start", 2), ("epoch_end", 3)]
+    assert sorted(read_scores(paths)) == [1, 2, 3]
     state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
     assert state["epoch"] == 3 and state["step"] == 3 * (256 // 32)
     assert paths.model.is_file() and paths.loss_png.is_file()
@@ -105,27 +123,6 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
     assert layout(mixed) == layout(plain)
     assert {"unet/checkpoints/epoch_003.pt", "unet/checkpoints/last.pt", "unet/history.json", "unet/model.pt",
             "loss_curves.png"} <= layout(plain)
-
-
-def test_train_command_takes_an_elastic_range(ray_local, smoke_run):
-    """`ddpm train --workers 1-2` joins the running cluster ($RAY_ADDRESS), where both workers fit, and leaves the
-    cluster running."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    address = ray_local.get_runtime_context().gcs_address
-    done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run), "--profile",
-                           "smoke", "--workers", "1-2"], env={**os.environ, "RAY_ADDRESS": address},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Ray Train: 1-2 workers (elastic)" in done.stdout
-    assert json.loads((smoke_run / "config.json").read_text())["train"]["num_workers"] == "1-2"
-    history = json.loads((smoke_run / "unet" / "history.json").read_text())
-    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2)] and all("fld" in h for h in history)
-    assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
 
 
 def test_conditional_unet_on_two_workers_sees_its_labels(ray_local, smoke_run):
