@@ -28,7 +28,20 @@ tiny() {
     ddpm train-classifier --out "$run" --quiet
     ddpm train --out "$run" --set train.device=cuda --quiet                    # in-process, bf16 autocast
     rm -rf "$run/unet"
-    ddpm train --out "$run" --workers 1 --set train.use_gpu=true --quiet       # Ray Train, use_gpu (NCCL)
+    # Ray Train on the GPU: one worker (`ddpm train --workers 1` would train in-process), epoch scoring included.
+    "$PY" - "$run" "${RAY_TRAIN_USE_GPU:-true}" <<'PYTHON'
+import sys
+from pathlib import Path
+
+from ddpm.config import load_config
+from ddpm.run_folder import RunPaths, read_config
+from flows.distributed import shutdown_ray, train_with_ray
+
+paths = RunPaths(Path(sys.argv[1]))
+cfg = load_config(None, None, {"train.use_gpu": sys.argv[2]}, base=read_config(paths))
+print("Ray Train epochs:", [(h["epoch"], round(h["fld"], 2)) for h in train_with_ray(cfg, paths, progress=False)])
+shutdown_ray()
+PYTHON
     ddpm sample --out "$run" --workers 2 --quiet                               # GPU actors (one per GPU)
     ddpm evaluate --out "$run" --quiet > /dev/null
 }
