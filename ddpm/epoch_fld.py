@@ -30,9 +30,9 @@ from ddpm.config import Config, epoch_fld_config, with_trained
 from ddpm.data import load_split
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.generate import image_noise, labels_for, run_sampler
+from ddpm.generate import draw_images
 from ddpm.metrics import extract_lenet_outputs, frechet_lenet_distance
-from ddpm.pixels import model_to_uint8, uint8_to_model
+from ddpm.pixels import uint8_to_model
 from ddpm.run_folder import RunPaths
 from ddpm.training import model_from_weights, sampling_weights
 
@@ -81,14 +81,9 @@ def score_weights(cfg: Config, paths: RunPaths, weights: dict[str, Any], source:
     draw = epoch_fld_config(with_trained(cfg, trained, set(), str(source)))  # the weights fix the architecture
     diffusion = GaussianDiffusion.from_config(draw.diffusion).to(device)
     s, n = draw.sample, draw.train.epoch_fld_samples
-    images = []
-    for first in range(0, n, s.batch_size):  # images 0..n-1, each from its own seed, as the sample stage draws them
-        count = min(s.batch_size, n - first)
-        result = run_sampler(model, diffusion, draw, image_noise(draw, first, count),
-                             labels_for(first, count, draw.unet.num_classes))
-        images.append(uint8_to_model(model_to_uint8(result.images)[:, 0]).unsqueeze(1))  # as the stage stores them
+    images, _ = draw_images(model, diffusion, draw, 0, n)  # images 0..n-1, as the sample stage draws and stores them
     lenet, evaluator_id, test_features = _Reference.get(cfg, paths, device)
-    features, _ = extract_lenet_outputs(lenet, torch.cat(images), cfg.eval.batch_size, device)
+    features, _ = extract_lenet_outputs(lenet, uint8_to_model(images).unsqueeze(1), cfg.eval.batch_size, device)
     score = {"epoch": int(weights["epoch"]), "step": int(weights["step"]),
              "fld": frechet_lenet_distance(features, test_features), "images": n, "sampler": s.sampler,
              "steps": s.ddim_steps if s.sampler != "ddpm" else draw.diffusion.timesteps,
@@ -123,48 +118,43 @@ def finish_training(cfg: Config, paths: RunPaths, *, device: torch.device | str 
     from ddpm.images import plot_loss_curves
 
     history = json.loads(paths.history.read_text())
-    epochs = [h["epoch"] for h in history]
-    chosen, reason = epochs[-1], "last epoch"
+    by_epoch = {h["epoch"]: h for h in history}
+    last = history[-1]["epoch"]
+    chosen, reason, best = last, "last epoch", None
     if cfg.train.epoch_fld_samples > 0:
         check_evaluator(cfg, paths)
         scores = read_scores(paths)
         evaluator_id = load_lenet(paths.lenet)[1]["evaluator_id"]
-        for epoch in epochs:
+        for epoch, h in by_epoch.items():
             score = scores.get(epoch)
             # A score from another evaluator, or from weights since retrained, says nothing of this epoch.
-            stale = score is not None and (score["evaluator_id"] != evaluator_id
-                                           or score["step"] != _step(history, epoch))
+            stale = score is not None and (score["evaluator_id"] != evaluator_id or score["step"] != h["step"])
             if (score is None or stale) and paths.epoch_checkpoint(epoch).is_file():
                 if progress:
                     print(f"epoch {epoch}: scoring its FLD here ({'a new evaluator' if stale else 'no score yet'})",
                           flush=True)
                 scores[epoch] = score_epoch(cfg, paths, epoch, device)
-        for h in history:
             h.pop("fld", None)
-            if h["epoch"] in scores:
-                h["fld"] = scores[h["epoch"]]["fld"]
+            if epoch in scores:
+                h["fld"] = scores[epoch]["fld"]
         write_json(paths.history, history)
+        scored = [h for h in history if "fld" in h and paths.epoch_checkpoint(h["epoch"]).is_file()]
+        if scored:
+            best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))["epoch"]  # a tie goes to the later epoch
         if cfg.train.export == "best":
-            scored = [h for h in history if "fld" in h and paths.epoch_checkpoint(h["epoch"]).is_file()]
-            if not scored:
+            if best is None:
                 raise UserError(f"no epoch of {paths.root} has both a checkpoint and an FLD: retrain, or set "
                                 "train.export=last")
-            best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))  # a tie goes to the later epoch
-            chosen = best["epoch"]
-            reason = f"best epoch FLD: {best['fld']:.3f} on {cfg.train.epoch_fld_samples} images"
-    plot_loss_curves(history, paths.loss_png)
+            chosen = best
+            reason = f"best epoch FLD: {by_epoch[best]['fld']:.3f} on {cfg.train.epoch_fld_samples} images"
+    plot_loss_curves(history, paths.loss_png, best=best)
     source = paths.epoch_checkpoint(chosen) if paths.epoch_checkpoint(chosen).is_file() else paths.last_checkpoint
-    weights = epoch_weights(source)
-    fld = next((h.get("fld") for h in history if h["epoch"] == chosen), None)
-    save_checkpoint({**weights, "selection": {"rule": cfg.train.export, "reason": reason, "epoch": chosen,
-                                              "epochs": epochs[-1], "epoch_fld": fld}}, paths.model)
+    save_checkpoint({**epoch_weights(source), "selection": {
+        "rule": cfg.train.export, "reason": reason, "epoch": chosen, "epochs": last,
+        "epoch_fld": by_epoch[chosen].get("fld")}}, paths.model)
     if progress:
-        print(f"unet/model.pt: epoch {chosen} of {epochs[-1]} ({reason})", flush=True)
+        print(f"unet/model.pt: epoch {chosen} of {last} ({reason})", flush=True)
     return history
-
-
-def _step(history: list[dict[str, Any]], epoch: int) -> int:
-    return next(h["step"] for h in history if h["epoch"] == epoch)
 
 
 def selection(paths: RunPaths) -> dict[str, Any] | None:

@@ -98,19 +98,27 @@ def sample_shard(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sh
 
     Whoever runs it (this process, a Ray actor), a batch is computed the same way, so images are identical.
     """
+    images, labels = draw_images(model, diffusion, cfg, shard.start, shard.count, on_batch)
+    return write_samples(out, shard.start, images, labels)
+
+
+def draw_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, start: int, count: int,
+                on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images start .. start + count - 1 as uint8 [count, H, W] (as samples files store them) and their labels
+    (-1: unconditional), in the fixed batches of `sample.batch_size`; `start` must begin a batch."""
     s = cfg.sample
-    if shard.start % s.batch_size:
-        raise ValueError(f"shard start {shard.start} is not a multiple of sample.batch_size={s.batch_size}")
+    if start % s.batch_size:
+        raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={s.batch_size}")
     images, labels = [], []
-    for first in range(shard.start, shard.start + shard.count, s.batch_size):
-        n = min(s.batch_size, shard.start + shard.count - first)
+    for first in range(start, start + count, s.batch_size):
+        n = min(s.batch_size, start + count - first)
         batch_labels = labels_for(first, n, cfg.unet.num_classes)
         result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n), batch_labels)
         images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))
         if on_batch is not None:
             on_batch(n)
-    return write_samples(out, shard.start, np.concatenate(images), np.concatenate(labels).astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
 def write_samples(path: Path, start: int, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -76,8 +76,9 @@ def _save_figure(plt, fig, path: Path) -> Path:
     return path
 
 
-def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
-    """Train and validation loss per epoch; with epoch FLDs, a second panel shows them and marks the best."""
+def plot_loss_curves(history: list[dict[str, Any]], path: Path, best: int | None = None) -> Path:
+    """Train and validation loss per epoch; with epoch FLDs, a second panel shows them, and marks `best` (the
+    epoch `ddpm.epoch_fld.finish_training` found best)."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     scored = [h for h in history if h.get("fld") is not None]
@@ -93,13 +94,15 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> Path:
     if scored:
         ax = axes[0][1]
         ax.plot([h["epoch"] for h in scored], [h["fld"] for h in scored], "d-", color="tab:green")
-        best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))
-        ax.plot([best["epoch"]], [best["fld"]], "*", color="tab:red", markersize=14,
-                label=f"best: epoch {best['epoch']} ({best['fld']:.2f})")
+        for h in scored:
+            if h["epoch"] == best:
+                ax.plot([best], [h["fld"]], "*", color="tab:red", markersize=14,
+                        label=f"best: epoch {best} ({h['fld']:.2f})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("FLD vs test (lower is better)")
         ax.set_title("Sample quality per epoch (EMA weights)")
-        ax.legend()
+        if best is not None:
+            ax.legend()
         ax.grid(alpha=0.3)
     return _save_figure(plt, fig, path)
 
