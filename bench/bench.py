@@ -34,7 +34,8 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.generate import run_sampler
 from ddpm.metrics import frechet_lenet_distance
 from ddpm.models import build_unet, count_parameters
-from ddpm.sampling import PerImageNoise, ddim_timesteps, image_seeds
+from ddpm.noise import image_seeds, make_noise
+from ddpm.sampling import ddim_timesteps
 from ddpm.training import DiffusionTrainer
 
 
@@ -162,6 +163,8 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
     guided_cfg = load_config("smoke" if tiny else "gpu", overrides={"unet.num_classes": 10})
     guided_model = build_unet(guided_cfg.unet, T).to(device)
     shape = (1, 28, 28)
+    noise_kind = "philox" if device.type == "cuda" else "generator"  # sample.noise of the machine's default profile
+    out["noise"] = noise_kind
 
     def ours(sampler: str, guided: bool = False) -> Callable[[], None]:
         c = load_config("smoke" if tiny else "gpu", overrides={
@@ -169,7 +172,7 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
             "sample.guidance_scale": 2.0 if guided else 1.0})
         labels = torch.arange(n) % 10 if guided else None
         return lambda: run_sampler(guided_model if guided else model, diffusion, c,
-                                   PerImageNoise(image_seeds(0, 0, n), shape), labels)
+                                   make_noise(noise_kind, image_seeds(0, 0, n), shape, device), labels)
 
     loops = {
         f"DDPM {T} steps": {"project": ours("ddpm"), "eager": lambda: eager.ddpm(n)},

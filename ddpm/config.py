@@ -27,6 +27,8 @@ SCHEDULES = ("cosine", "linear")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 EXPORTS = ("best", "last")
+NOISES = ("generator", "philox")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -78,7 +80,17 @@ class TrainConfig:
     p_uncond: float = 0.1  # label dropout for classifier-free guidance (conditional models only)
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    bf16: bool = True  # autocast to bfloat16 on CUDA; ignored on CPU
+    bf16: bool = True  # autocast to bfloat16 on CUDA
+    cpu_bf16: bool = False  # the same on CPU (faster on the 2-core machine; see docs/performance.md)
+    # The fast path (docs/performance.md). Each switch keeps the results; the defaults are what measured fastest.
+    resident_data: bool = True  # the training split held on the device, batches cut by indexing (no DataLoader)
+    # Steps between the host's checks that loss and gradient norm are finite. 1: every step, before the update, so
+    # nothing non-finite is ever applied. N > 1 saves a host sync per step (a GPU's pipeline stalls at each); a
+    # NaN is then caught within N steps, and, as always, no checkpoint is written after it.
+    check_every: int = 1
+    fused_optimizer: bool = False  # AdamW(fused=True): one kernel for the whole update
+    # torch.compile of the network for training: "off", "default", "reduce-overhead" (CUDA graphs), "max-autotune"
+    compile: str = "off"
     max_train_images: int = 0  # > 0 trains on a seeded subset (smoke/cpu profiles)
     max_val_images: int = 0
     # Ray Train workers: "N", or "MIN-MAX" for elastic training (Ray Train's ScalingConfig(num_workers=(MIN, MAX)):
@@ -121,12 +133,17 @@ class SampleConfig:
     guidance_scale: float = 1.0  # w in eps_u + w (eps_c - eps_u); used by conditional models
     batch_size: int = 500  # fixed batches make images independent of how many actors share them
     seed: int = 1234
+    # Where each image's noise comes from (ddpm/noise.py): "generator" (a CPU torch.Generator per image, fastest
+    # on a CPU) or "philox" (counter-based, computed on the sampling device: no per-image CPU draws on a GPU).
+    # The two give different images for the same seed; each is reproducible whatever the sharding.
+    noise: str = "generator"
     use_ema: bool = True
     clip_x0: bool = True
     num_actors: int = 1  # Ray sampling actors; 1 samples in-process
     # The network under bf16 autocast while sampling (the sampler's arithmetic stays float32). On the 2-core CPU
     # 1.8x faster, with FLD 7.93 against 7.75 on the same 2,000 seeds (docs/performance.md): off by default.
     bf16: bool = False
+    compile: str = "off"  # torch.compile of the network for sampling (see train.compile)
     animation_images: int = 16  # images in the reverse-process animation
     # More generated sets for the report, each "sampler[:steps][@guidance]" (e.g. "ddpm", "ddim:20",
     # "dpm++2m-sde:25@0"), drawn from the first `compare_samples` seeds of the main set (at most all of them):
@@ -180,13 +197,21 @@ PROFILES: dict[str, dict[str, Any]] = {
     "original": {"unet.init": "flux", "train.ema_decay": 0.0, "train.grad_clip": 0.0, "sample.sampler": "ddpm",
                  "train.export": "last"},
     # One GPU, about 10 minutes of training (15 epochs = 25k steps at batch 32); 10,000 DDPM samples.
-    "gpu": {"train.device": "auto", "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
+    # The fast path (bench/fast_path.py; unmeasured on a GPU so far, see docs/performance.md): one host sync per
+    # 50 steps, fused AdamW, noise computed on the GPU (philox: per-image CPU generators would make a million CPU
+    # draws per DDPM set), and sampling batches of 2,000. torch.compile stays off until gpu_check.sh measures it.
+    "gpu": {"train.device": "auto", "train.check_every": 50, "train.fused_optimizer": True,
+            "sample.noise": "philox", "sample.batch_size": 2_000,
+            "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
     # A 2-core machine's `make run` in under 30 minutes: steps, not epochs, buy quality, so one worker using both
-    # cores at batch 32 (about 10 steps/s) for 6 epochs, and 10,000 samples with the stochastic DPM-Solver++ in
-    # 25 steps. Measured on a 4-epoch model, 2,000 samples: it matched 100-step DDPM (FLD 11.3; 30 steps 10.9,
-    # 20 steps 12.4), where the deterministic solver (26.1 at 20 steps) and DDIM (30.5) did not.
+    # cores at batch 32, under bf16 autocast (1.45x the steps per second of float32; at equal steps it scored
+    # FLD 7.87 against 6.97, at equal time, 9 epochs against 6, 5.55 against 6.97: docs/results.md), and 10,000
+    # samples with the stochastic DPM-Solver++ in 25 steps. Measured on a 4-epoch model, 2,000 samples: it matched
+    # 100-step DDPM (FLD 11.3; 30 steps 10.9, 20 steps 12.4), where the deterministic solver (26.1 at 20 steps)
+    # and DDIM (30.5) did not. Sampling stays float32 (bf16 sampling cost 2% FLD for 1.8x).
     "cpu": {
-        "train.epochs": 6,
+        "train.epochs": 9,
+        "train.cpu_bf16": True,
         "train.max_val_images": 2_000,
         # About 10 s of the 2 cores per epoch, alongside training.
         "train.epoch_fld_samples": 500,
@@ -418,6 +443,9 @@ def validate(cfg: Config) -> None:
            f"train.batch_size={t.batch_size} is the global batch, split across up to {most} workers "
            f"(train.num_workers={t.num_workers!r}): it needs at least one image per worker")
     _check(t.micro_batch >= 0, f"train.micro_batch={t.micro_batch} must be >= 0 (0: no limit)")
+    _at_least(t, "train", "check_every", 1)
+    for section, mode in (("train", t.compile), ("sample", s.compile)):
+        _check(mode in COMPILE_MODES, f"{section}.compile={mode!r}: use one of {', '.join(COMPILE_MODES)}")
     _check(t.epoch_fld_samples == 0 or t.epoch_fld_samples >= 2,
            f"train.epoch_fld_samples={t.epoch_fld_samples} must be 0 (off) or >= 2 (a covariance needs two images)")
     epoch_fld_config(cfg)
@@ -432,6 +460,7 @@ def validate(cfg: Config) -> None:
     _check(t.use_gpu in ("auto", "true", "false"), f"train.use_gpu={t.use_gpu!r}: use auto, true or false")
     _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     _check(s.sampler in SAMPLERS, f"sample.sampler={s.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    _check(s.noise in NOISES, f"sample.noise={s.noise!r}: use one of {', '.join(NOISES)}")
     for key in ("num_samples", "batch_size", "num_actors"):
         _at_least(s, "sample", key, 1)
     _check(1 <= s.ddim_steps <= d.timesteps,

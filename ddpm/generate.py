@@ -21,8 +21,9 @@ from ddpm.checkpoints import write_atomically
 from ddpm.config import Config, with_trained
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError, first_line
+from ddpm.noise import image_seeds, make_noise
 from ddpm.pixels import model_to_uint8
-from ddpm.sampling import PerImageNoise, SampleResult, ddim_sample, ddpm_sample, dpm_solver_sample, image_seeds
+from ddpm.sampling import Noise, SampleResult, ddim_sample, ddpm_sample, dpm_solver_sample
 from ddpm.training import load_model
 
 
@@ -59,13 +60,16 @@ def load_for_sampling(cfg: Config, model_path: Path, device: torch.device | str
     schedule's diffusion: what every sampling entry point starts from."""
     model, trained = load_model(model_path, device)
     cfg = with_trained(cfg, trained, set(), str(model_path))
+    if cfg.sample.compile != "off":  # compiles on the first batch (and again for a differently sized last one)
+        model = torch.compile(model, mode=cfg.sample.compile)
     return model, cfg, GaussianDiffusion.from_config(cfg.diffusion).to(device)
 
 
-def image_noise(cfg: Config, start: int, count: int) -> PerImageNoise:
-    """The per-image noise of global images start .. start + count - 1 (seeded from `sample.seed`)."""
+def image_noise(cfg: Config, start: int, count: int, device: torch.device | str = "cpu") -> Noise:
+    """The per-image noise of global images start .. start + count - 1 (seeded from `sample.seed`), from the
+    `sample.noise` source; "philox" computes it on `device`, where the sampler runs."""
     shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    return PerImageNoise(image_seeds(cfg.sample.seed, start, count), shape)
+    return make_noise(cfg.sample.noise, image_seeds(cfg.sample.seed, start, count), shape, device)
 
 
 def sampler_steps(cfg: Config) -> int:
@@ -73,7 +77,7 @@ def sampler_steps(cfg: Config) -> int:
     return cfg.diffusion.timesteps if cfg.sample.sampler == "ddpm" else cfg.sample.ddim_steps
 
 
-def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noise: PerImageNoise,
+def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noise: Noise,
                 labels: torch.Tensor | None, keep_every: int = 0, progress: bool = False) -> SampleResult:
     """The configured sampler (`cfg.sample`) on one batch; `cfg.unet` says whether labels mean anything."""
     device = next(model.parameters()).device
@@ -109,11 +113,12 @@ def draw_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sta
     s = cfg.sample
     if start % s.batch_size:
         raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={s.batch_size}")
+    device = next(model.parameters()).device
     images, labels = [], []
     for first in range(start, start + count, s.batch_size):
         n = min(s.batch_size, start + count - first)
         batch_labels = labels_for(first, n, cfg.unet.num_classes)
-        result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n), batch_labels)
+        result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n, device), batch_labels)
         images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))
         if on_batch is not None:

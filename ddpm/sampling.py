@@ -1,14 +1,13 @@
 """Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++), classifier-free guidance and per-image noise.
 
-Reproducibility contract: every image owns a torch.Generator seeded from (base seed, global image index), and
-every random draw for that image comes from it. An image therefore depends only on its seed (and label), not
-on the batch it was sampled in or on how many workers shared the job.
+Reproducibility contract: every random draw for an image comes from that image's seed (base seed, global image
+index; `ddpm.noise`), so an image depends only on its seed (and label), not on the batch it was sampled in or on
+how many workers shared the job. The samplers take any noise source with `randn()` and `len()`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,44 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.noise import PerImageNoise, PhiloxNoise
 
-
-def image_seeds(base_seed: int, start: int, count: int) -> list[int]:
-    """Seeds for global image indices start .. start + count - 1.
-
-    Seed i is the first 64-bit word of numpy's SeedSequence([base_seed, i]) with the top bit cleared (so it
-    fits any torch seed). SeedSequence hashes its entropy, so nearby indices or base seeds give unrelated
-    streams, and its output is fixed by the algorithm, not by the numpy version.
-    """
-    if base_seed < 0 or start < 0 or count < 0:
-        raise ValueError("base_seed, start and count must be >= 0")
-    return [
-        int(np.random.SeedSequence([base_seed, i]).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
-        for i in range(start, start + count)
-    ]
-
-
-class PerImageNoise:
-    """Standard normal noise with one CPU generator per image: row i of `randn()` comes from seeds[i] only."""
-
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int]):
-        if len(seeds) == 0:
-            raise ValueError("PerImageNoise needs at least one seed")
-        self.seeds = [int(s) for s in seeds]
-        self.shape = tuple(int(s) for s in shape)  # one image: (C, H, W)
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
-
-    @classmethod
-    def for_range(cls, base_seed: int, start: int, count: int, shape: Sequence[int]) -> PerImageNoise:
-        """Noise for global image indices start .. start + count - 1 (see `image_seeds`)."""
-        return cls(image_seeds(base_seed, start, count), shape)
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def randn(self) -> torch.Tensor:
-        """The next draw, float32 [B, *shape] on the CPU; each call advances every image's generator."""
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+Noise = PerImageNoise | PhiloxNoise
 
 
 @dataclass
@@ -145,7 +109,7 @@ def _prepare(model, diffusion, noise, labels):
 def ddpm_sample(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    noise: PerImageNoise,
+    noise: Noise,
     *,
     labels: torch.Tensor | None = None,
     null_label: int | None = None,
@@ -187,7 +151,7 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 def ddim_sample(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    noise: PerImageNoise,
+    noise: Noise,
     *,
     steps: int,
     eta: float = 0.0,
@@ -239,7 +203,7 @@ def _log_snr(ab: float) -> float:
 def dpm_solver_sample(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    noise: PerImageNoise,
+    noise: Noise,
     *,
     steps: int,
     labels: torch.Tensor | None = None,

@@ -74,8 +74,8 @@ class EMA:
     def update(self, model: nn.Module, num_updates: int) -> None:
         """`num_updates`: optimizer steps before this one (the trainer's step counter, so resume keeps it)."""
         decay = self.decay_at(num_updates)
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+        # One multi-tensor lerp rather than a kernel per parameter (the same arithmetic, element by element).
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
@@ -130,6 +130,41 @@ class Shard(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
+class TrainBatches:
+    """This rank's part of every global batch of an epoch (`GlobalBatches`), delivered on `device`.
+
+    Resident (`train.resident_data`): the split is copied to the device once, and each epoch's batch indices once
+    per epoch, so a step costs one indexing kernel instead of a DataLoader collating single images and a
+    host-to-device copy. Otherwise a DataLoader. Both give exactly the same batches.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", resident: bool = True):
+        self.device = torch.device(device)
+        self.sampler = GlobalBatches(len(images), batch_size, seed, rank, world_size)
+        self.resident = resident
+        if resident:
+            self.images, self.labels = images.to(self.device), labels.to(self.device)
+        else:
+            self.loader = DataLoader(TensorDataset(images, labels), batch_sampler=self.sampler,
+                                     pin_memory=self.device.type == "cuda")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if not self.resident:
+            for x, y in self.loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
+        rows = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.device)  # [batches, this rank's share]
+        for index in rows:
+            yield self.images[index], self.labels[index]
+
+
 def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """Training (`shuffle`): this rank's part of every global batch of `batch_size` (`GlobalBatches`). Otherwise
@@ -164,14 +199,22 @@ class DiffusionTrainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+                                           weight_decay=cfg.train.weight_decay,
+                                           fused=True if cfg.train.fused_optimizer else None)
+        if cfg.train.compile != "off":
+            # The network alone is compiled (under DDP, the wrapper: its all-reduce hooks stay in place); noise,
+            # loss, clipping, AdamW and EMA stay eager. The checkpoint holds the plain module's weights.
+            self.train_model = torch.compile(self.train_model, mode=cfg.train.compile)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
         self.generator = torch.Generator(device=device)  # timesteps, noise, label dropout: see `_reseed`
         # Conditioning is decided here, from the config, never read off the (possibly wrapped) model.
         self.null_label = cfg.unet.num_classes if cfg.unet.num_classes > 0 else None
         self.epoch = 0  # epochs completed
         self.step = 0
-        self.autocast = device.type == "cuda" and cfg.train.bf16
+        self.unchecked: list[torch.Tensor] = []  # (loss, norm) of the steps not yet checked for finiteness
+        self.unchecked_steps: list[int] = []
+        self.last_checked: float | None = None  # the loss at the last check (what the progress bar shows)
+        self.autocast = cfg.train.bf16 if device.type == "cuda" else cfg.train.cpu_bf16
 
     def _reseed(self, purpose: int) -> None:
         """A stream per (seed, epoch, rank, purpose): resume needs no saved RNG state and replays exactly."""
@@ -179,31 +222,47 @@ class DiffusionTrainer:
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p_uncond: float) -> torch.Tensor:
         labels = y if self.null_label is not None else None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.diffusion.training_loss(model, x, labels=labels, null_label=self.null_label,
                                                 p_uncond=p_uncond, generator=self.generator)
 
-    def train_epoch(self, loader: DataLoader, *, progress: bool = False,
+    def train_epoch(self, batches: TrainBatches, *, progress: bool = False,
                     on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
-        """One pass over this rank's `loader`; returns (summed loss * images, images)."""
+        """One pass over this rank's `batches`; returns (summed loss * images, images)."""
         self.train_model.train()
-        loader.batch_sampler.set_epoch(self.epoch)
+        batches.set_epoch(self.epoch)
         self._reseed(0)
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", disable=not progress,
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0  # on the device: no sync a step
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", disable=not progress,
                    leave=False)
         for batch_index, (x, y) in enumerate(bar):
             if on_batch is not None:
                 on_batch(self.epoch + 1, batch_index)
-            loss = self.train_step(x, y)
-            total += loss * len(x)
+            total += self.train_step(x, y).double() * len(x)
             count += len(x)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        return total, count
+            if self.last_checked is not None:
+                bar.set_postfix(loss=f"{self.last_checked:.4f}", refresh=False)
+        self.check_finite()  # before the epoch's checkpoint is written: never a checkpoint after a NaN
+        return total.item(), count
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def check_finite(self) -> None:
+        """Raise if any step since the last check had a non-finite loss or gradient norm: one host sync."""
+        if not self.unchecked:
+            return
+        rows, steps = torch.stack(self.unchecked).tolist(), self.unchecked_steps
+        self.unchecked, self.unchecked_steps = [], []
+        for step, (loss_value, norm_value) in zip(steps, rows, strict=True):
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise NonFiniteLossError(
+                    f"loss became {loss_value:.4g} (gradient norm {norm_value:.4g}) at epoch {self.epoch + 1}, step "
+                    f"{step}: lower train.lr, keep train.grad_clip > 0, or check the data; the last completed "
+                    "epoch's checkpoint is kept"
+                )
+        self.last_checked = rows[-1][0]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step (loss, backward, clipping, AdamW, EMA) on this rank's part of a global batch;
-        returns the loss of that part.
+        returns the loss of that part (a 0-d tensor on the device: reading it is a host sync).
 
         The gradient is the global batch's mean whatever the worker count: DDP averages over W ranks, so each
         rank's mean loss is weighted by its share, n_r W / B (shares differ by one where W does not divide B).
@@ -227,20 +286,19 @@ class DiffusionTrainer:
         loss = total / len(x)
         # Checked after backward: under DDP the gradients are all-reduced, so a NaN on any rank reaches every
         # rank's norm and all ranks stop together (a check of the local loss alone would leave the others
-        # waiting in the next all-reduce). Nothing is applied: the weights stay the last finite ones.
+        # waiting in the next all-reduce). With check_every=1 nothing non-finite is applied: the weights stay the
+        # last finite ones. With N > 1 the check (one host sync for N steps) comes up to N - 1 steps late, but
+        # always before a checkpoint is written.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one host sync
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            raise NonFiniteLossError(
-                f"loss became {loss_value:.4g} (gradient norm {norm_value:.4g}) at epoch {self.epoch + 1}, step "
-                f"{self.step}: lower train.lr, keep train.grad_clip > 0, or check the data; the last completed "
-                "epoch's checkpoint is kept"
-            )
+        self.unchecked.append(torch.stack([loss.detach().float(), norm.detach().float()]))
+        self.unchecked_steps.append(self.step)
+        if len(self.unchecked) >= self.cfg.train.check_every:
+            self.check_finite()
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         self.step += 1
-        return loss_value
+        return loss.detach()
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> tuple[float, int]:
@@ -341,9 +399,8 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
             print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}{change}", flush=True)
     (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_x, train_y, cfg.train.batch_size, shuffle=True,
-                               seed=cfg.train.seed, rank=rank, world_size=world, pin_memory=pin)
+    train_batches = TrainBatches(train_x, train_y, cfg.train.batch_size, cfg.train.seed, rank=rank,
+                                 world_size=world, device=device, resident=cfg.train.resident_data)
     val_loader = make_loader(val_x, val_y, VAL_BATCH, shuffle=False, seed=0, rank=rank, world_size=world)
     history = json.loads(paths.history.read_text()) if paths.history.exists() else []
     history = [h for h in history if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
@@ -351,7 +408,7 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     for _ in tqdm(range(trainer.epoch, cfg.train.epochs), desc="train U-Net", disable=not show,
                   initial=trainer.epoch, total=cfg.train.epochs):
         start = time.perf_counter()
-        train_sum, train_count = trainer.train_epoch(train_loader, progress=show, on_batch=on_batch)
+        train_sum, train_count = trainer.train_epoch(train_batches, progress=show, on_batch=on_batch)
         train_seconds = time.perf_counter() - start
         trainer.epoch += 1
         val_sum, val_count = trainer.validate(val_loader)

@@ -150,14 +150,15 @@ class UNetSampler(mlflow.pyfunc.PythonModel):
         import torch
 
         from ddpm.generate import run_sampler
+        from ddpm.noise import make_noise
         from ddpm.pixels import model_to_uint8
-        from ddpm.sampling import PerImageNoise
 
         seeds = [int(s) for s in model_input["seed"]]
         labels = None
         if self.cfg.unet.num_classes and "label" in model_input:
             labels = torch.tensor([int(v) for v in model_input["label"]])
-        noise = PerImageNoise(seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size))
+        noise = make_noise(self.cfg.sample.noise, seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size),
+                           next(self.model.parameters()).device)
         images = run_sampler(self.model, self.diffusion, self.cfg, noise, labels).images
         return model_to_uint8(images).reshape(len(seeds), -1).numpy()
 

@@ -25,3 +25,19 @@ def test_tiny_bench_writes_every_column(tmp_path):
     assert len(cpu["sample"]) == 4 and all(r["project"] > 0 for r in cpu["sample"].values())
     assert results["fld_seconds_10k_x_84"] > 0 and results["peak_rss_mib"] > 0
     assert "| training step (images/s) | project | eager | diffusers |" in result.stdout
+
+
+def test_tiny_fast_path_bench_times_every_switch(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fast_path", REPO / "bench" / "fast_path.py")
+    fast_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fast_path)  # in this process: no second interpreter and torch import
+    out = tmp_path / "fast_path.json"
+    fast_path.main(["--tiny", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    rows = results["train"]["batch 8"]
+    assert len(rows) == 6 and all(r["images_per_s"] > 0 for r in rows.values())
+    assert set(results["sample"]) == {f"{s}, noise {n}, compile off" for s in ("ddpm-20", "ddim-5")
+                                      for n in ("generator", "philox")}
+    assert all(r["seconds"] > 0 for r in results["sample"].values())

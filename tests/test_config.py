@@ -41,6 +41,7 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("sample.compare", "ddim@-1", "sample.compare entry 'ddim@-1': write sampler[:steps][@guidance]"),
     ("sample.compare", "ddim:10,ddim", "sample.compare lists 'ddim' twice"),  # smoke's ddim_steps is 10
     ("sample.compare_samples", "0", "sample.compare_samples=0 must be >= 1"),
+    ("sample.noise", "numpy", "sample.noise='numpy': use one of generator, philox"),
 ])
 def test_each_wrong_value_is_named_alone(key, text, message):
     with pytest.raises(ConfigError) as err:
@@ -115,3 +116,6 @@ def test_profiles_say_what_they_are():
     assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == ("1", 1, "dpm++2m-sde")
     assert (original.train.export, cpu.train.export) == ("last", "best")  # the original keeps its last epoch
     assert cpu.sample.ddim_steps <= 25  # the fast sampler's promise
+    gpu = load_config("gpu")  # the fast path on a GPU; the CPU keeps what measured fastest there
+    assert (gpu.sample.noise, gpu.train.check_every, gpu.train.fused_optimizer) == ("philox", 50, True)
+    assert (cpu.sample.noise, cpu.train.check_every, cpu.train.cpu_bf16) == ("generator", 1, True)

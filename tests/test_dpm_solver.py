@@ -12,13 +12,12 @@ from torch import nn
 from ddpm.config import DiffusionConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.models import build_unet
+from ddpm.noise import PerImageNoise, image_seeds
 from ddpm.sampling import (
-    PerImageNoise,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_sample,
-    image_seeds,
 )
 
 SHAPE = (1, 8, 8)

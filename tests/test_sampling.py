@@ -10,13 +10,12 @@ from torch import nn
 
 from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.noise import PerImageNoise, image_seeds, make_noise
 from ddpm.sampling import (
-    PerImageNoise,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     guided_eps,
-    image_seeds,
 )
 
 SHAPE = (1, 8, 8)
@@ -95,14 +94,15 @@ def test_per_image_noise_rows_come_from_their_own_generator():
     )
 
 
+@pytest.mark.parametrize("noise_kind", ["generator", "philox"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_same_images_in_one_batch_or_two(sampler):
+def test_same_images_in_one_batch_or_two(sampler, noise_kind):
     d, model = diffusion(), TinyNet(num_classes=10)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     kwargs = dict(guidance_scale=3.0, keep_every=5)
 
     def run(start, count):
-        noise = PerImageNoise(image_seeds(42, start, count), SHAPE)
+        noise = make_noise(noise_kind, image_seeds(42, start, count), SHAPE)
         lab = labels[start : start + count]
         if sampler == "ddpm":
             return ddpm_sample(model, d, noise, labels=lab, null_label=10, **kwargs)

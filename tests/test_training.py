@@ -15,10 +15,10 @@ from ddpm.training import (
     EMA,
     DiffusionTrainer,
     NonFiniteLossError,
+    TrainBatches,
     fit,
     load_model,
     load_training_state,
-    make_loader,
 )
 
 
@@ -94,8 +94,11 @@ def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, make_run
     assert (moved[:10] > 0).all() and moved[10] == 0
 
 
-def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, make_run):
-    cfg = smoke(**{"train.epochs": 2})
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, make_run, check_every):
+    """Checked every step, or every 3 (the fast path's deferred check): either way the error names the first
+    bad step, and the epoch's checkpoint is not written."""
+    cfg = smoke(**{"train.epochs": 2, "train.check_every": check_every})
     paths = run_folder(make_run, tmp_path, "n")
     fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     trainer = DiffusionTrainer(cfg, torch.device("cpu"))
@@ -103,9 +106,9 @@ def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, make_ru
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
     x = torch.zeros(8, 1, 28, 28)
-    loader = make_loader(x, torch.zeros(8, dtype=torch.long), 4, shuffle=True, seed=0)
-    with pytest.raises(NonFiniteLossError, match="train.lr"):
-        trainer.train_epoch(loader)
+    batches = TrainBatches(x, torch.zeros(8, dtype=torch.long), 4, seed=0)  # 2 steps: fewer than check_every=3
+    with pytest.raises(NonFiniteLossError, match=f"step {trainer.step}: lower train.lr"):
+        trainer.train_epoch(batches)
     assert state_of(paths.last_checkpoint)["epoch"] == 1
 
 
@@ -166,3 +169,48 @@ def test_checkpoints_load_with_weights_only(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path, (UNET,), "")
     assert "arbitrary code ran" not in capsys.readouterr().out
+
+
+def test_the_fast_path_switches_train_exactly_the_same_model(tmp_path, make_run):
+    """The training split resident on the device with the finiteness check every 5 steps, against a DataLoader
+    and a check every step: the same batches and the same updates, so the same weights to the last bit."""
+    results = {}
+    for name, resident, check_every in (("plain", "false", "1"), ("fast", "true", "5")):
+        paths = run_folder(make_run, tmp_path, name)
+        history = fit(smoke(**{"train.resident_data": resident, "train.check_every": check_every}), paths,
+                      progress=False)
+        results[name] = history, state_of(paths.last_checkpoint)
+    (plain_history, plain), (fast_history, fast) = results["plain"], results["fast"]
+    assert [(h["train_loss"], h["val_loss"], h["step"]) for h in plain_history] == \
+           [(h["train_loss"], h["val_loss"], h["step"]) for h in fast_history]
+    for key in ("model", "ema"):
+        assert all(torch.equal(plain[key][k], fast[key][k]) for k in plain[key])
+    assert plain["step"] == fast["step"] == 16  # 2 epochs of 256 images at batch 32
+
+
+def test_resident_batches_are_the_data_loaders_batches():
+    images, labels = torch.randn(70, 1, 28, 28), torch.arange(70)
+    for rank, world in ((0, 1), (1, 3)):
+        resident = TrainBatches(images, labels, 16, seed=3, rank=rank, world_size=world, resident=True)
+        loader = TrainBatches(images, labels, 16, seed=3, rank=rank, world_size=world, resident=False)
+        for epoch in (0, 1):
+            resident.set_epoch(epoch), loader.set_epoch(epoch)
+            pairs = list(zip(resident, loader, strict=True))
+            assert len(pairs) == 70 // 16
+            for (xa, ya), (xb, yb) in pairs:
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_fused_adamw_makes_the_same_updates_up_to_rounding():
+    x, y = torch.rand(32, 1, 28, 28) * 2 - 1, torch.zeros(32, dtype=torch.long)
+    weights = {}
+    for fused in (False, True):
+        trainer = DiffusionTrainer(smoke(**{"train.fused_optimizer": str(fused)}), torch.device("cpu"))
+        assert trainer.optimizer.defaults["fused"] is (True if fused else None)
+        for _ in range(5):
+            trainer.train_step(x, y)
+        weights[fused] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    fresh = DiffusionTrainer(smoke(), torch.device("cpu")).model
+    initial = torch.cat([p.detach().flatten() for p in fresh.parameters()])
+    assert (weights[False] - initial).abs().max() > 1e-3  # five steps did move the weights
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
