@@ -8,7 +8,9 @@ Columns, all on the same device, each the median of interleaved repeats:
 - eager:     the same network driven by the shortest plain PyTorch: Adam step, one-generator noise, a DDPM/DDIM
              loop written inline (no EMA, no clipping, no per-image seeds);
 - diffusers: `UNet2DModel` configured near the same parameter count on 1x28x28, with its DDPM, DDIM and
-             DPM-Solver++ schedulers (skipped cleanly where diffusers is not installed).
+             DPM-Solver++ schedulers (skipped cleanly where diffusers is not installed);
+- profile:   training only, the project's step under the switches of the device's own profile (`cpu` on a CPU:
+             bf16 autocast; `gpu` on a GPU), where they differ from the project column's float32 defaults.
 Ratios are throughput relative to the eager column. Also: the FLD on 10,000 x 84 features and peak memory.
 `--tiny` runs a seconds-long version on the smoke network (the test suite runs it to prove the bench works).
 """
@@ -126,7 +128,14 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
     diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
     project = DiffusionTrainer(cfg, device)
     eager = Eager(build_unet(cfg.unet, T).to(device), diffusion, device)
-    out: dict = {"parameters": {"project": count_parameters(project.model)}, "train": {}, "sample": {}}
+    # The training switches of this device's profile, on the same network (the `profile` column).
+    own = load_config("cpu" if device.type == "cpu" else "gpu").train
+    switches = {f"train.{k}": getattr(own, k) for k in ("bf16", "cpu_bf16", "fused_optimizer", "compile")
+                if getattr(own, k) != getattr(cfg.train, k)}
+    profiled = DiffusionTrainer(load_config("smoke" if tiny else "gpu", overrides={
+        "train.device": device.type, **{k: str(v) for k, v in switches.items()}}), device) if switches else None
+    out: dict = {"parameters": {"project": count_parameters(project.model)}, "train": {}, "sample": {},
+                 "profile_switches": switches}
     try:
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -155,6 +164,8 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
         contenders = {"project": lambda x=x, y=y: project.train_step(x, y), "eager": lambda x=x: eager.train_step(x)}
         if hf is not None:
             contenders["diffusers"] = lambda x=x: hf_train_step(x)
+        if profiled is not None:
+            contenders["profile"] = lambda x=x, y=y: profiled.train_step(x, y)
         out["train"][f"batch {batch}"] = {k: batch / v for k, v in interleaved(contenders, repeats, device).items()}
 
     n = 4 if tiny else 64 if device.type == "cpu" else 1000
@@ -194,11 +205,14 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
 
 
 def table(title: str, unit: str, rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"| {title} ({unit}) | project | eager | diffusers | project / eager | project / diffusers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    profile = any("profile" in r for r in rows.values())
+    head = ["project", "eager", "diffusers"] + (["profile"] if profile else [])
+    pairs = [("project", "eager"), ("project", "diffusers")] + ([("profile", "eager")] if profile else [])
+    lines = [f"| {title} ({unit}) | {' | '.join(head + [f'{a} / {b}' for a, b in pairs])} |",
+             "| --- |" + " ---: |" * (len(head) + len(pairs))]
     for name, r in rows.items():
-        cells = [f"{r[key]:,.0f}" if key in r else "-" for key in ("project", "eager", "diffusers")]
-        ratios = [f"{r['project'] / r[key]:.2f}x" if key in r else "-" for key in ("eager", "diffusers")]
+        cells = [f"{r[key]:,.0f}" if key in r else "-" for key in head]
+        ratios = [f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-" for a, b in pairs]
         lines.append(f"| {name} | {' | '.join(cells + ratios)} |")
     return "\n".join(lines)
 

@@ -204,13 +204,14 @@ PROFILES: dict[str, dict[str, Any]] = {
             "sample.noise": "philox", "sample.batch_size": 2_000,
             "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
     # A 2-core machine's `make run` in under 30 minutes: steps, not epochs, buy quality, so one worker using both
-    # cores at batch 32, under bf16 autocast (1.45x the steps per second of float32; at equal steps it scored
-    # FLD 7.87 against 6.97, at equal time, 9 epochs against 6, 5.55 against 6.97: docs/results.md), and 10,000
-    # samples with the stochastic DPM-Solver++ in 25 steps. Measured on a 4-epoch model, 2,000 samples: it matched
-    # 100-step DDPM (FLD 11.3; 30 steps 10.9, 20 steps 12.4), where the deterministic solver (26.1 at 20 steps)
-    # and DDIM (30.5) did not. Sampling stays float32 (bf16 sampling cost 2% FLD for 1.8x).
+    # cores at batch 32 under bf16 autocast (1.45x the float32 steps/s in-process, about 1.15x on the Ray Train
+    # worker; at equal steps FLD 7.87 against 6.97, at 9 epochs 5.55: docs/results.md) for 8 epochs, the most
+    # that stays under 30 minutes (FLD 6.67 in 27 min 10 s). Then 10,000 samples with the stochastic
+    # DPM-Solver++ in 25 steps: on a 4-epoch model, 2,000 samples, it matched 100-step DDPM (FLD 11.3; 30 steps
+    # 10.9, 20 steps 12.4), where the deterministic solver (26.1 at 20 steps) and DDIM (30.5) did not. Sampling
+    # stays float32 (bf16 sampling cost 2% FLD for 1.8x).
     "cpu": {
-        "train.epochs": 9,
+        "train.epochs": 8,
         "train.cpu_bf16": True,
         "train.max_val_images": 2_000,
         # About 10 s of the 2 cores per epoch, alongside training.

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ddpm.config import Config, ConfigError, load_config, parse_overrides, worker_range
@@ -138,8 +140,19 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                guidance_scale=args.guidance)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler stopping the job), handled like Ctrl-C: the `finally` blocks run, so Ray, the
+    Prefect temporary server and MLflow runs are stopped, not orphaned, and finished work is kept."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if args.command == "model-summary":
             cmd_model_summary(resolve_config(args, None))
@@ -157,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Finished work is on disk already (atomic files, one checkpoint per epoch); rerunning resumes it.
-        print("interrupted: completed stages and epochs are kept; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: completed stages and epochs are "
+              "kept; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if "ray" in sys.modules:  # a stage used Ray: stop the local one cleanly, leaving no stray workers
             from flows.distributed import shutdown_ray
 

@@ -19,12 +19,13 @@ def test_tiny_bench_writes_every_column(tmp_path):
     cpu = results["devices"]["cpu"]
     assert set(cpu["train"]) == {"batch 4"}
     has_diffusers = results["versions"]["diffusers"] is not None
-    expected = {"project", "eager", "diffusers"} if has_diffusers else {"project", "eager"}
+    expected = {"project", "eager", "profile"} | ({"diffusers"} if has_diffusers else set())  # cpu: bf16
     assert set(cpu["train"]["batch 4"]) == expected
     assert all(v > 0 for v in cpu["train"]["batch 4"].values())
     assert len(cpu["sample"]) == 4 and all(r["project"] > 0 for r in cpu["sample"].values())
     assert results["fld_seconds_10k_x_84"] > 0 and results["peak_rss_mib"] > 0
-    assert "| training step (images/s) | project | eager | diffusers |" in result.stdout
+    assert cpu["profile_switches"] == {"train.cpu_bf16": True}
+    assert "| training step (images/s) | project | eager | diffusers | profile |" in result.stdout
 
 
 def test_tiny_fast_path_bench_times_every_switch(tmp_path):

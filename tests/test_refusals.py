@@ -75,8 +75,11 @@ def test_leftovers_of_a_killed_writer_are_removed_but_a_live_ones_kept(tmp_path,
     assert not leftover.exists() and live.exists()
 
 
-def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, mirror):
-    """SIGINT while `ddpm data` writes: exit 130, one line, no temp folder left."""
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_kill_are_a_message_not_a_traceback(tmp_path, mirror, signum, code, word):
+    """SIGINT (Ctrl-C) or SIGTERM (`kill`) while `ddpm data` writes: one line, no temp folder left, exit 130 or
+    143. SIGTERM is handled like Ctrl-C so that the stages' clean-up (Ray, Prefect's temporary server) runs."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):  # a run that finishes before the signal lands proves nothing: try again
         run, log = tmp_path / f"r{attempt}", tmp_path / f"stderr{attempt}.txt"
@@ -87,13 +90,13 @@ def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, mirror):
             while not list(run.glob(".data.tmp-*")) and process.poll() is None:
                 assert time.monotonic() < deadline, "data preparation never started"
                 time.sleep(0.02)
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             process.wait(timeout=120)
         if process.returncode != 0:
             break
     message = log.read_text()
-    assert process.returncode == 130, message
-    assert "Traceback" not in message and "interrupted" in message
+    assert process.returncode == code, message
+    assert "Traceback" not in message and word in message
     assert not list(run.glob(".data.tmp-*")) and not (run / "config.json").exists()
 
 
