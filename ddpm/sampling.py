@@ -1,4 +1,4 @@
-"""Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++), classifier-free guidance and per-image noise.
+"""Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++) and classifier-free guidance.
 
 Reproducibility contract: every random draw for an image comes from that image's seed (base seed, global image
 index; `ddpm.noise`), so an image depends only on its seed (and label), not on the batch it was sampled in or on

@@ -141,8 +141,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler stopping the job), handled like Ctrl-C: the `finally` blocks run, so Ray, the
-    Prefect temporary server and MLflow runs are stopped, not orphaned, and finished work is kept."""
+    """SIGTERM (`kill`, a scheduler stopping the job), handled like Ctrl-C: one line, exit 143, the `finally`
+    blocks and atexit run, finished work is kept. `ray.init` replaces this handler with Ray's own once a stage
+    starts Ray in this process (docs/reliability.md, "Known gaps")."""
 
 
 def _raise_terminated(signum, frame) -> None:

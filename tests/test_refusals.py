@@ -79,7 +79,7 @@ def test_leftovers_of_a_killed_writer_are_removed_but_a_live_ones_kept(tmp_path,
                                                  (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_kill_are_a_message_not_a_traceback(tmp_path, mirror, signum, code, word):
     """SIGINT (Ctrl-C) or SIGTERM (`kill`) while `ddpm data` writes: one line, no temp folder left, exit 130 or
-    143. SIGTERM is handled like Ctrl-C so that the stages' clean-up (Ray, Prefect's temporary server) runs."""
+    143. SIGTERM is handled like Ctrl-C, so the stage's own clean-up runs."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):  # a run that finishes before the signal lands proves nothing: try again
         run, log = tmp_path / f"r{attempt}", tmp_path / f"stderr{attempt}.txt"
