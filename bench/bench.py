@@ -183,7 +183,7 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
             "sample.guidance_scale": 2.0 if guided else 1.0})
         labels = torch.arange(n) % 10 if guided else None
         return lambda: run_sampler(guided_model if guided else model, diffusion, c,
-                                   make_noise(noise_kind, image_seeds(0, 0, n), shape, device), labels)
+                                   make_noise(noise_kind, image_seeds(0, 0, n), shape), labels)
 
     loops = {
         f"DDPM {T} steps": {"project": ours("ddpm"), "eager": lambda: eager.ddpm(n)},

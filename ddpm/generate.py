@@ -65,11 +65,11 @@ def load_for_sampling(cfg: Config, model_path: Path, device: torch.device | str
     return model, cfg, GaussianDiffusion.from_config(cfg.diffusion).to(device)
 
 
-def image_noise(cfg: Config, start: int, count: int, device: torch.device | str = "cpu") -> Noise:
+def image_noise(cfg: Config, start: int, count: int) -> Noise:
     """The per-image noise of global images start .. start + count - 1 (seeded from `sample.seed`), from the
-    `sample.noise` source; "philox" computes it on `device`, where the sampler runs."""
+    `sample.noise` source."""
     shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
-    return make_noise(cfg.sample.noise, image_seeds(cfg.sample.seed, start, count), shape, device)
+    return make_noise(cfg.sample.noise, image_seeds(cfg.sample.seed, start, count), shape)
 
 
 def sampler_steps(cfg: Config) -> int:
@@ -113,12 +113,11 @@ def draw_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sta
     s = cfg.sample
     if start % s.batch_size:
         raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={s.batch_size}")
-    device = next(model.parameters()).device
     images, labels = [], []
     for first in range(start, start + count, s.batch_size):
         n = min(s.batch_size, start + count - first)
         batch_labels = labels_for(first, n, cfg.unet.num_classes)
-        result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n, device), batch_labels)
+        result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n), batch_labels)
         images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))
         if on_batch is not None:

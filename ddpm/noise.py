@@ -7,9 +7,9 @@ the device's batch size or how many workers shared the job. Two sources keep it 
   step and copies them to the device: nothing on a CPU, but on a GPU 10,000 images make a million CPU draws.
 - "philox": counter-based. Philox4x32-10 (Salmon et al. 2011, the generator inside cuRAND and JAX) maps a
   (counter, key) pair to random bits with no state, so the noise of (image seed, draw, element) is computed
-  where it is used, in one batched elementwise pass on the sampling device. Written with torch integer ops, so
-  the bits are the same on every device; the Box-Muller transform may differ in the last float bit between
-  CPU and GPU libraries.
+  where it is used, in one batched elementwise pass on the device the sampler asks for. Written with torch
+  integer ops, so the bits are the same on every device; the Box-Muller transform may differ in the last float
+  bit between CPU and GPU libraries.
 
 The two sources give different images for the same seed: a run's images are reproducible under its own
 `sample.noise`.
@@ -63,9 +63,11 @@ class PerImageNoise:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def randn(self) -> torch.Tensor:
-        """The next draw, float32 [B, *shape] on the CPU; each call advances every image's generator."""
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+    def randn(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The next draw, float32 [B, *shape], drawn on the CPU and moved to `device`; each call advances every
+        image's generator."""
+        draw = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return draw if device is None else draw.to(device)
 
 
 def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,30 +103,36 @@ def _unit_open(bits: torch.Tensor) -> torch.Tensor:
 
 
 class PhiloxNoise:
-    """Standard normal noise computed on `device` from (image seed, draw number, element): Philox4x32-10 keyed
-    on the image's 64-bit seed, counting over (element quad, draw), and Box-Muller on each pair of words.
-    Row i of `randn()` depends on seeds[i] and on how many draws came before, nothing else."""
+    """Standard normal noise computed on the sampler's device from (image seed, draw number, element):
+    Philox4x32-10 keyed on the image's 64-bit seed, counting over (element quad, draw), and Box-Muller on each
+    pair of words. Row i of `randn()` depends on seeds[i] and on how many draws came before, nothing else."""
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int]):
         if len(seeds) == 0:
             raise ValueError("PhiloxNoise needs at least one seed")
         self.seeds = [int(s) for s in seeds]
         self.shape = tuple(int(s) for s in shape)
-        self.device = torch.device(device)
-        seeds_t = torch.tensor(self.seeds, dtype=torch.int64, device=self.device)[:, None]
-        self.key = (seeds_t & _MASK32, (seeds_t >> 32) & _MASK32)
         self.numel = math.prod(self.shape)
-        quads = (self.numel + 3) // 4  # each Philox call gives 4 words, so 4 normals
-        self.quad = torch.arange(quads, dtype=torch.int64, device=self.device)[None, :]
         self.draws = 0
+        self._counters: dict[torch.device, tuple] = {}  # per device: (key words [B, 1], element quads [1, Q])
+
+    def _counters_on(self, device: torch.device) -> tuple:
+        if device not in self._counters:
+            seeds = torch.tensor(self.seeds, dtype=torch.int64, device=device)[:, None]
+            quads = (self.numel + 3) // 4  # each Philox call gives 4 words, so 4 normals
+            self._counters[device] = ((seeds & _MASK32, (seeds >> 32) & _MASK32),
+                                      torch.arange(quads, dtype=torch.int64, device=device)[None, :])
+        return self._counters[device]
 
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def randn(self) -> torch.Tensor:
-        """The next draw, float32 [B, *shape] on `device`."""
-        zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        words = philox4x32((self.quad, zero + self.draws, zero, zero), self.key)
+    def randn(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The next draw, float32 [B, *shape], computed on `device` (default: the CPU)."""
+        device = torch.device(device or "cpu")
+        key, quad = self._counters_on(device)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        words = philox4x32((quad, zero + self.draws, zero, zero), key)
         self.draws += 1
         radius = [torch.sqrt(-2.0 * torch.log(_unit_open(w))) for w in (words[0], words[2])]
         angle = [2.0 * math.pi * _unit_open(w) for w in (words[1], words[3])]
@@ -133,11 +141,11 @@ class PhiloxNoise:
         return normals.reshape(len(self.seeds), -1)[:, : self.numel].reshape(len(self.seeds), *self.shape)
 
 
-def make_noise(kind: str, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"
-               ) -> PerImageNoise | PhiloxNoise:
-    """The `sample.noise` source for these images; "generator" draws on the CPU whatever `device` is."""
+def make_noise(kind: str, seeds: Sequence[int], shape: Sequence[int]) -> PerImageNoise | PhiloxNoise:
+    """The `sample.noise` source for these images. The sampler asks each draw for its own device: "generator"
+    draws on the CPU and copies, "philox" computes there."""
     if kind == "generator":
         return PerImageNoise(seeds, shape)
     if kind == "philox":
-        return PhiloxNoise(seeds, shape, device)
+        return PhiloxNoise(seeds, shape)
     raise ValueError(f"unknown noise source {kind!r}; use one of {NOISES}")

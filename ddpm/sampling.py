@@ -2,7 +2,7 @@
 
 Reproducibility contract: every random draw for an image comes from that image's seed (base seed, global image
 index; `ddpm.noise`), so an image depends only on its seed (and label), not on the batch it was sampled in or on
-how many workers shared the job. The samplers take any noise source with `randn()` and `len()`.
+how many workers shared the job. The samplers take any noise source with `randn(device)` and `len()`.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def ddpm_sample(
     T = diffusion.num_timesteps
     frames = _Frames(keep_every, T)
     with torch.inference_mode(), _EvalMode(model):
-        x = noise.randn().to(device)
+        x = noise.randn(device)
         for step, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
             tt = torch.full((len(x),), t, device=device, dtype=torch.long)
             eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
@@ -135,7 +135,7 @@ def ddpm_sample(
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
             mean, var = diffusion.q_posterior(x0, x, tt)
-            x = mean + var.sqrt() * noise.randn().to(device) if t > 0 else mean
+            x = mean + var.sqrt() * noise.randn(device) if t > 0 else mean
             frames(step, t, x, x0)
     return frames.result(x)
 
@@ -177,7 +177,7 @@ def ddim_sample(
     ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
     frames = _Frames(keep_every, len(seq))
     with torch.inference_mode(), _EvalMode(model):
-        x = noise.randn().to(device)
+        x = noise.randn(device)
         for step, t in enumerate(tqdm(seq, desc="DDIM", disable=not progress, leave=False)):
             tt = torch.full((len(x),), t, device=device, dtype=torch.long)
             eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
@@ -190,7 +190,7 @@ def ddim_sample(
             sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
             x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
             if sigma > 0:
-                x = x + sigma * noise.randn().to(device)
+                x = x + sigma * noise.randn(device)
             frames(step, t, x, x0)
     return frames.result(x)
 
@@ -237,7 +237,7 @@ def dpm_solver_sample(
     ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
     frames = _Frames(keep_every, len(seq))
     with torch.inference_mode(), _EvalMode(model):
-        x = noise.randn().to(device)
+        x = noise.randn(device)
         x0_prev, h_prev = None, 0.0
         for step, t in enumerate(tqdm(seq, desc="DPM-Solver++", disable=not progress, leave=False)):
             tt = torch.full((len(x),), t, device=device, dtype=torch.long)
@@ -254,7 +254,7 @@ def dpm_solver_sample(
                 ratio = ((1 - a_next) / (1 - a)) ** 0.5
                 if stochastic:
                     x = ratio * math.exp(-h) * x - a_next**0.5 * math.expm1(-2 * h) * d \
-                        + (1 - a_next) ** 0.5 * (-math.expm1(-2 * h)) ** 0.5 * noise.randn().to(device)
+                        + (1 - a_next) ** 0.5 * (-math.expm1(-2 * h)) ** 0.5 * noise.randn(device)
                 else:
                     x = ratio * x - a_next**0.5 * math.expm1(-h) * d
                 x0_prev, h_prev = x0, h

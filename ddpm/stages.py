@@ -219,8 +219,7 @@ def sample_digit(cfg: Config, paths: RunPaths, digit: int, count: int = 64) -> P
         raise UserError(f"--digit {digit} must be in 0..{cfg.unet.num_classes - 1}")
     if count < 1:
         raise UserError(f"--count {count} must be >= 1")
-    noise = image_noise(cfg, 0, count, next(model.parameters()).device)
-    images = run_sampler(model, diffusion, cfg, noise, torch.full((count,), digit)).images
+    images = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, count), torch.full((count,), digit)).images
     return save_grid(images, paths.root / f"digit_{digit}.png", nrow=min(count, 8))
 
 
@@ -231,8 +230,7 @@ def shard_file(folder: Path, shard: Shard) -> Path:
 def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: GaussianDiffusion) -> Path:
     """The reverse process of a few images: x_t beside the model's running estimate of x0."""
     n = cfg.sample.animation_images
-    noise = image_noise(cfg, 0, n, next(model.parameters()).device)
-    result = run_sampler(model, diffusion, cfg, noise, labels_for(0, n, cfg.unet.num_classes),
+    result = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, n), labels_for(0, n, cfg.unet.num_classes),
                          keep_every=max(1, sampler_steps(cfg) // 25))
     return save_reverse_process_gif(result.xt_frames, result.x0_frames, result.timesteps, paths.animation)
 

@@ -141,13 +141,14 @@ class TrainBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", resident: bool = True):
         self.device = torch.device(device)
-        self.sampler = GlobalBatches(len(images), batch_size, seed, rank, world_size)
         self.resident = resident
         if resident:
+            self.sampler = GlobalBatches(len(images), batch_size, seed, rank, world_size)
             self.images, self.labels = images.to(self.device), labels.to(self.device)
         else:
-            self.loader = DataLoader(TensorDataset(images, labels), batch_sampler=self.sampler,
-                                     pin_memory=self.device.type == "cuda")
+            self.loader = make_loader(images, labels, batch_size, shuffle=True, seed=seed, rank=rank,
+                                      world_size=world_size, pin_memory=self.device.type == "cuda")
+            self.sampler = self.loader.batch_sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -211,8 +212,7 @@ class DiffusionTrainer:
         self.null_label = cfg.unet.num_classes if cfg.unet.num_classes > 0 else None
         self.epoch = 0  # epochs completed
         self.step = 0
-        self.unchecked: list[torch.Tensor] = []  # (loss, norm) of the steps not yet checked for finiteness
-        self.unchecked_steps: list[int] = []
+        self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, [loss, norm]) not yet checked for finiteness
         self.last_checked: float | None = None  # the loss at the last check (what the progress bar shows)
         self.autocast = cfg.train.bf16 if device.type == "cuda" else cfg.train.cpu_bf16
 
@@ -249,8 +249,9 @@ class DiffusionTrainer:
         """Raise if any step since the last check had a non-finite loss or gradient norm: one host sync."""
         if not self.unchecked:
             return
-        rows, steps = torch.stack(self.unchecked).tolist(), self.unchecked_steps
-        self.unchecked, self.unchecked_steps = [], []
+        steps, values = zip(*self.unchecked, strict=True)
+        rows = torch.stack(values).tolist()
+        self.unchecked = []
         for step, (loss_value, norm_value) in zip(steps, rows, strict=True):
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 raise NonFiniteLossError(
@@ -290,8 +291,7 @@ class DiffusionTrainer:
         # last finite ones. With N > 1 the check (one host sync for N steps) comes up to N - 1 steps late, but
         # always before a checkpoint is written.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        self.unchecked.append(torch.stack([loss.detach().float(), norm.detach().float()]))
-        self.unchecked_steps.append(self.step)
+        self.unchecked.append((self.step, torch.stack([loss.detach().float(), norm.detach().float()])))
         if len(self.unchecked) >= self.cfg.train.check_every:
             self.check_finite()
         self.optimizer.step()

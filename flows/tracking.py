@@ -157,8 +157,7 @@ class UNetSampler(mlflow.pyfunc.PythonModel):
         labels = None
         if self.cfg.unet.num_classes and "label" in model_input:
             labels = torch.tensor([int(v) for v in model_input["label"]])
-        noise = make_noise(self.cfg.sample.noise, seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size),
-                           next(self.model.parameters()).device)
+        noise = make_noise(self.cfg.sample.noise, seeds, (1, self.cfg.unet.image_size, self.cfg.unet.image_size))
         images = run_sampler(self.model, self.diffusion, self.cfg, noise, labels).images
         return model_to_uint8(images).reshape(len(seeds), -1).numpy()
 

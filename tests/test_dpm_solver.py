@@ -160,9 +160,9 @@ class CountingNoise(PerImageNoise):
         super().__init__(*args)
         self.draws = 0
 
-    def randn(self):
+    def randn(self, device=None):
         self.draws += 1
-        return super().randn()
+        return super().randn(device)
 
 
 def test_same_images_in_one_batch_or_two():
