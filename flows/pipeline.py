@@ -160,7 +160,9 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         result = stages.evaluate(cfg, paths, progress=True)
         flat = {f"fld_{k.replace('_vs_test', '')}": v for k, v in result["fld"].items()}
         flat.update({"fld_ratio_to_train": result["fld_ratio_to_train"]["generated_vs_test"],
-                     "class_mean_distance": result["class_mean_distance"]["generated"],
+                     "nearest_class_mean_distance": result["nearest_class_mean_distance"]["generated"],
+                     "predicted_class_mean_distance": result["predicted_class_mean_distance"]["generated"],
+                     "nearest_mean_label_accuracy": result["nearest_mean_label_accuracy"],
                      "label_imbalance_tv": result["label_imbalance_tv"],
                      "digit_share_max_deviation": result["digit_share_max_deviation"],
                      "near_copy_share": result["memorisation"]["near_copy_share"],

@@ -49,6 +49,13 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     assert 0 <= evaluation["label_imbalance_tv"] <= 1
     assert evaluation["fld_ratio_to_train"]["train_vs_test"] == 1.0
     assert 0 <= evaluation["memorisation"]["near_copy_share"] <= 1
+    # The original's class-mean distance on 500 test images: about its 0.0080, and noise farther off; nearest-mean
+    # labels about its 82% right.
+    nearest = evaluation["nearest_class_mean_distance"]
+    assert set(nearest) == set(evaluation["predicted_class_mean_distance"]) == {"test", "train", "generated",
+                                                                                "uniform_noise"}
+    assert 0.007 < nearest["test"] < 0.009 < nearest["uniform_noise"]
+    assert 0.7 < evaluation["nearest_mean_label_accuracy"] < 0.95
     report = (run / "evaluation.md").read_text()
     assert "| generated (ddpm) | 64 |" in report and "near-copies" in report
     check_compared_set_uses_the_main_sets_seeds(run, evaluation, report)
