@@ -21,6 +21,7 @@ from ddpm.checkpoints import write_atomically
 from ddpm.config import Config, with_trained
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError, first_line
+from ddpm.heap import retain_freed_memory
 from ddpm.noise import image_seeds, make_noise
 from ddpm.pixels import model_to_uint8
 from ddpm.sampling import Noise, SampleResult, ddim_sample, ddpm_sample, dpm_solver_sample
@@ -110,6 +111,7 @@ def draw_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sta
                 on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images start .. start + count - 1 as uint8 [count, H, W] (as samples files store them) and their labels
     (-1: unconditional), in the fixed batches of `sample.batch_size`; `start` must begin a batch."""
+    retain_freed_memory()
     s = cfg.sample
     if start % s.batch_size:
         raise ValueError(f"shard start {start} is not a multiple of sample.batch_size={s.batch_size}")

@@ -66,8 +66,10 @@ def guided_eps(
     """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond), as float32.
 
     labels=None gives plain model(x, t) (an unconditional model, or a conditional one's null branch is then
-    the caller's to ask for). Otherwise the conditional and null-label halves run as one batch of 2B. w = 1
-    (pure conditional) and w = 0 (pure unconditional) need only one half, so they skip the other.
+    the caller's to ask for). Otherwise the conditional and the null-label branch run as two batches of B, not
+    one of 2B: on the 2-core CPU a batch of 2B cost more than two of B (1.5x at B = 500, docs/performance.md),
+    and on a GPU a batch of B is already a full one. w = 1 (pure conditional) and w = 0 (pure unconditional)
+    need one branch only.
     """
     if labels is None:
         return model(x, t, None).float()
@@ -78,9 +80,7 @@ def guided_eps(
     null = torch.full_like(labels, null_label)
     if guidance_scale == 0.0:
         return model(x, t, null).float()
-    eps_cond, eps_uncond = (
-        model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-    )
+    eps_cond, eps_uncond = model(x, t, labels).float(), model(x, t, null).float()
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
