@@ -27,6 +27,8 @@ SCHEDULES = ("cosine", "linear")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 EXPORTS = ("best", "last")
+SCORING_PLACES = ("auto", "task", "worker")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 NOISES = ("generator", "philox")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")
@@ -74,6 +76,14 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 32  # global batch: split across Ray workers
     lr: float = 1e-3
+    # The learning rate over training: "constant" (the original), or, after `warmup_steps` of linear warm-up,
+    # decayed to 0 at the last step ("cosine", "linear"). The last step is train.epochs' last, so a run given
+    # more epochs on resume re-plans the rest of its schedule.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' `snr_gamma`): each image's epsilon loss is
+    # weighted by min(SNR_t, gamma) / SNR_t, so the nearly clean timesteps, easy and many, weigh less. 0: off.
+    snr_gamma: float = 0.0
     weight_decay: float = 0.0  # AdamW; 0 gives the original's Adam
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.999  # 0 disables EMA
@@ -109,6 +119,10 @@ class TrainConfig:
     # (ValidationConfig), in-process training right after each epoch. 0 turns it off.
     epoch_fld_samples: int = 1_000
     epoch_fld_sampler: str = "dpm++2m-sde:20"
+    # Where Ray training scores each epoch: "task" (a Ray Train validation task beside the training), "worker"
+    # (rank 0, between epochs, as in-process training does), or "auto": a task where the workers train on GPUs
+    # and the scoring can use the node's idle CPUs, the worker where they hold every core (docs/performance.md).
+    epoch_fld_where: str = "auto"
     # Which epoch becomes unet/model.pt: "best" (lowest epoch FLD) or "last". Validation loss does not track
     # sample quality (losses within 4% came with FLDs from 5.7 to 25.3), so "best" needs the epoch FLD.
     export: str = "best"
@@ -451,11 +465,17 @@ def validate(cfg: Config) -> None:
     _check(t.epoch_fld_samples == 0 or t.epoch_fld_samples >= 2,
            f"train.epoch_fld_samples={t.epoch_fld_samples} must be 0 (off) or >= 2 (a covariance needs two images)")
     epoch_fld_config(cfg)
+    _check(t.epoch_fld_where in SCORING_PLACES,
+           f"train.epoch_fld_where={t.epoch_fld_where!r}: use one of {', '.join(SCORING_PLACES)}")
     _check(t.export in EXPORTS, f"train.export={t.export!r}: use one of {', '.join(EXPORTS)}")
     _check(t.export != "best" or t.epoch_fld_samples > 0,
            "train.export='best' picks the epoch with the lowest epoch FLD, which train.epoch_fld_samples=0 turns "
            "off: set train.export=last, or train.epoch_fld_samples > 0")
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(t.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0 (0: no warm-up)")
+    _check(t.snr_gamma >= 0, f"train.snr_gamma={t.snr_gamma} must be >= 0 (0: every timestep weighted alike; "
+                             "Hang et al. use 5)")
     _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
     _check(0 <= t.p_uncond < 1, f"train.p_uncond={t.p_uncond} must be in [0, 1)")
     _check(t.device in DEVICES, f"train.device={t.device!r}: use one of {', '.join(DEVICES)}")

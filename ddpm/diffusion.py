@@ -78,6 +78,7 @@ class GaussianDiffusion:
             "sqrt_one_minus_alpha_bars": (1 - ab).sqrt(),
             "sqrt_recip_alpha_bars": (1 / ab).sqrt(),
             "sqrt_recipm1_alpha_bars": (1 / ab - 1).sqrt(),
+            "snr": ab / (1 - ab),  # signal-to-noise ratio of x_t (Min-SNR loss weighting)
             # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, beta_tilde_t); beta_tilde_0 = 0.
             "posterior_variance": b * (1 - ab_prev) / (1 - ab),
             "posterior_mean_coef1": b * ab_prev.sqrt() / (1 - ab),
@@ -153,6 +154,7 @@ class GaussianDiffusion:
         p_uncond: float = 0.0,
         loss: str | None = None,
         generator: torch.Generator | None = None,
+        snr_gamma: float = 0.0,
     ) -> torch.Tensor:
         """Epsilon-prediction loss at a uniformly drawn timestep per image (the "simple" loss of Ho et al.).
 
@@ -160,7 +162,8 @@ class GaussianDiffusion:
         attributes): labels=None trains unconditionally; with labels, each is replaced by `null_label` with
         probability `p_uncond`, which trains the unconditional branch used by classifier-free guidance.
         `loss` defaults to the one this diffusion was built with. `generator` (on any device) makes t, noise
-        and label dropout reproducible.
+        and label dropout reproducible. `snr_gamma` > 0 weights each image's loss by min(SNR_t, gamma) / SNR_t
+        (Min-SNR-gamma, Hang et al. 2023, the epsilon-prediction form).
         """
         loss = loss or self.loss
         if loss not in LOSSES:
@@ -180,6 +183,12 @@ class GaussianDiffusion:
 
         x_t = diffusion.q_sample(x0, t, noise)
         eps = model(x_t, t, labels).float()  # float: the model may run under bf16 autocast
-        if loss == "mse":
+        if snr_gamma > 0:
+            error = (eps - noise.float()).square() if loss == "mse" else (eps - noise.float()).abs()
+            snr = _gather(diffusion.snr, t, eps).flatten()
+            # min(SNR, gamma) / SNR: 1 where SNR <= gamma (the noisy end), gamma / SNR where it is cleaner.
+            weight = torch.where(snr > snr_gamma, snr_gamma / snr, torch.ones_like(snr))
+            return (error.flatten(1).mean(dim=1) * weight).mean()
+        if loss == "mse":  # unweighted: kept as it was, so results stay the same to the last bit
             return F.mse_loss(eps, noise.float())
         return F.l1_loss(eps, noise.float())

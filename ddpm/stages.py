@@ -137,20 +137,22 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
     return {**load_lenet(paths.lenet)[1], "reused": reused}
 
 
-def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True) -> list[dict[str, Any]]:
+def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True, log: Callable[[str], None] | None = None,
+               on_epoch: Callable[[EpochMetrics, float | None], None] | None = None) -> list[dict[str, Any]]:
     """Train in this process (resuming from the run's last checkpoint), scoring each epoch's samples as it ends,
     then export the epoch `train.export` picks. `flows.distributed.train_with_ray` runs the same `fit` on Ray
-    Train workers, and scores epochs in Ray Train validation tasks."""
+    Train workers. `log` also gets the display's lines (a Prefect logger); `on_epoch(metrics, fld)` follows
+    each epoch and its score (the flow logs them to MLflow as they come)."""
     check_evaluator(cfg, paths)
     device = resolve_device(cfg.train.device)
 
-    def score(metrics: EpochMetrics) -> None:
-        if cfg.train.epoch_fld_samples > 0:
-            fld = score_epoch(cfg, paths, metrics.epoch, device)["fld"]
-            if progress:
-                tqdm.write(f"epoch {metrics.epoch}: FLD {fld:.3f} on {cfg.train.epoch_fld_samples} images")
+    def score(metrics: EpochMetrics) -> dict[str, Any] | None:
+        fld = score_epoch(cfg, paths, metrics.epoch, device)["fld"] if cfg.train.epoch_fld_samples > 0 else None
+        if on_epoch is not None:
+            on_epoch(metrics, fld)
+        return None if fld is None else {"fld": fld, "images": cfg.train.epoch_fld_samples}
 
-    fit(cfg, paths, device=device, progress=progress, on_epoch=score)
+    fit(cfg, paths, device=device, progress=progress, on_epoch=score, log=log)
     return finish_training(cfg, paths, device=device, progress=progress)
 
 

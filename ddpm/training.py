@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from ddpm.checkpoints import (
     TRAINING_STATE,
@@ -38,7 +37,9 @@ from ddpm.config import Config, config_from_dict, with_trained
 from ddpm.data import load_split
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
+from ddpm.heap import retain_freed_memory
 from ddpm.models import build_unet
+from ddpm.progress import TrainingDisplay
 from ddpm.run_folder import RunPaths
 
 VAL_BATCH = 256  # validation batch per rank: large enough to be quick, small enough for any device
@@ -185,6 +186,16 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def learning_rate(t, step: int, total_steps: int) -> float:
+    """`train.lr` at optimizer step `step` (0-based) of `total_steps`: linear warm-up over `warmup_steps`, then
+    constant or decayed to 0 at the last step (`lr_schedule`). `t` is the TrainConfig."""
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    if t.lr_schedule == "constant" or step < t.warmup_steps:
+        return lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    return lr * (0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress)
+
+
 class DiffusionTrainer:
     """One process's training state: the model (DDP-wrapped when world_size > 1), EMA, optimizer, counters."""
 
@@ -212,6 +223,7 @@ class DiffusionTrainer:
         self.null_label = cfg.unet.num_classes if cfg.unet.num_classes > 0 else None
         self.epoch = 0  # epochs completed
         self.step = 0
+        self.total_steps = 0  # of the whole run, for the learning-rate schedule; `fit` sets it
         self.unchecked: list[tuple[int, torch.Tensor]] = []  # (step, [loss, norm]) not yet checked for finiteness
         self.last_checked: float | None = None  # the loss at the last check (what the progress bar shows)
         self.autocast = cfg.train.bf16 if device.type == "cuda" else cfg.train.cpu_bf16
@@ -224,24 +236,24 @@ class DiffusionTrainer:
         labels = y if self.null_label is not None else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.diffusion.training_loss(model, x, labels=labels, null_label=self.null_label,
-                                                p_uncond=p_uncond, generator=self.generator)
+                                                p_uncond=p_uncond, generator=self.generator,
+                                                snr_gamma=self.cfg.train.snr_gamma)
 
-    def train_epoch(self, batches: TrainBatches, *, progress: bool = False,
-                    on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
-        """One pass over this rank's `batches`; returns (summed loss * images, images)."""
+    def train_epoch(self, batches: TrainBatches, *, on_batch: Callable[[int, int], None] | None = None,
+                    on_step: Callable[[int, float | None], None] | None = None) -> tuple[float, int]:
+        """One pass over this rank's `batches`; returns (summed loss * images, images). `on_step(step, loss)`
+        follows every optimizer step (loss: the last one checked for finiteness, so reading it costs no sync)."""
         self.train_model.train()
         batches.set_epoch(self.epoch)
         self._reseed(0)
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0  # on the device: no sync a step
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", disable=not progress,
-                   leave=False)
-        for batch_index, (x, y) in enumerate(bar):
+        for batch_index, (x, y) in enumerate(batches):
             if on_batch is not None:
                 on_batch(self.epoch + 1, batch_index)
             total += self.train_step(x, y).double() * len(x)
             count += len(x)
-            if self.last_checked is not None:
-                bar.set_postfix(loss=f"{self.last_checked:.4f}", refresh=False)
+            if on_step is not None:
+                on_step(self.step, self.last_checked)
         self.check_finite()  # before the epoch's checkpoint is written: never a checkpoint after a NaN
         return total.item(), count
 
@@ -294,6 +306,10 @@ class DiffusionTrainer:
         self.unchecked.append((self.step, torch.stack([loss.detach().float(), norm.detach().float()])))
         if len(self.unchecked) >= self.cfg.train.check_every:
             self.check_finite()
+        if self.cfg.train.lr_schedule != "constant" or self.cfg.train.warmup_steps:
+            rate = learning_rate(self.cfg.train, self.step, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step)
@@ -368,17 +384,23 @@ def _sum_over_ranks(values: list[float], world_size: int, device: torch.device) 
 
 
 def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, progress: bool = True,
-        on_epoch: Callable[[EpochMetrics], None] | None = None,
-        on_batch: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+        on_epoch: Callable[[EpochMetrics], dict[str, Any] | None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, float | None], None] | None = None,
+        log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Train to `cfg.train.epochs`, resuming from the run's last checkpoint; returns the history.
 
     Rank 0 writes unet/checkpoints/epoch_NNN.pt and last.pt after every epoch, history.json and loss_curves.png.
     `on_epoch` runs on every rank after the epoch's files are written (in-process training scores the epoch
-    there, Ray reports it); `on_batch(epoch, batch_index)` before every batch (a test's fault switch). Which
+    there and returns the score, {"fld", "images"}, for the display; Ray reports it); `on_batch(epoch,
+    batch_index)` before every batch (a test's fault switch); `on_step(step, total_steps, loss)` after every
+    optimizer step (Ray's rank 0 forwards progress to the driver's display). With `progress`, rank 0 shows a bar
+    over the optimizer steps and a line per epoch (`ddpm.progress`), the lines also to `log`. Which
     epoch becomes model.pt is `ddpm.epoch_fld.finish_training`'s choice, once every epoch is scored.
     """
     from ddpm.images import plot_loss_curves
 
+    retain_freed_memory()
     rank, world = _process_group()
     if cfg.train.batch_size < world:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is the global batch: {world} workers need at "
@@ -395,7 +417,9 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
         for group in trainer.optimizer.param_groups:  # the saved optimizer state brings its own rate: the config's wins
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         if progress and rank == 0:
-            change = f"; train.lr {saved_lr:g} -> {cfg.train.lr:g} from here on" if saved_lr != cfg.train.lr else ""
+            constant = cfg.train.lr_schedule == "constant" and not cfg.train.warmup_steps  # else set every step
+            change = f"; train.lr {saved_lr:g} -> {cfg.train.lr:g} from here on" \
+                if constant and saved_lr != cfg.train.lr else ""
             print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}{change}", flush=True)
     (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
@@ -405,30 +429,41 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     history = json.loads(paths.history.read_text()) if paths.history.exists() else []
     history = [h for h in history if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
     show = progress and rank == 0
-    for _ in tqdm(range(trainer.epoch, cfg.train.epochs), desc="train U-Net", disable=not show,
-                  initial=trainer.epoch, total=cfg.train.epochs):
-        start = time.perf_counter()
-        train_sum, train_count = trainer.train_epoch(train_batches, progress=show, on_batch=on_batch)
-        train_seconds = time.perf_counter() - start
-        trainer.epoch += 1
-        val_sum, val_count = trainer.validate(val_loader)
-        train_sum, train_count, val_sum, val_count = _sum_over_ranks(
-            [train_sum, train_count, val_sum, val_count], world, device)
-        metrics = EpochMetrics(trainer.epoch, train_sum / max(train_count, 1), val_sum / max(val_count, 1),
-                               train_count / max(train_seconds, 1e-9), time.perf_counter() - start, trainer.step,
-                               world)
-        history.append(asdict(metrics))
-        if rank == 0:
-            epoch_file = paths.epoch_checkpoint(trainer.epoch)
-            save_checkpoint(trainer.state_dict(), epoch_file)
-            copy_file(epoch_file, paths.last_checkpoint)
-            write_json(paths.history, history)
-            plot_loss_curves(history, paths.loss_png)
-            if show:
-                tqdm.write(f"epoch {metrics.epoch}: train {metrics.train_loss:.4f}  val {metrics.val_loss:.4f}  "
-                           f"{metrics.images_per_s:.0f} img/s")
-        if on_epoch is not None:
-            on_epoch(metrics)
+    total_steps = trainer.total_steps = cfg.train.epochs * len(train_batches)
+    display = TrainingDisplay(total_steps, cfg.train.batch_size, done=trainer.step, log=log if show else None,
+                              enabled=show)
+
+    def after_step(step: int, loss: float | None) -> None:
+        display.update(step, loss)
+        if on_step is not None:
+            on_step(step, total_steps, loss)
+
+    try:
+        while trainer.epoch < cfg.train.epochs:
+            start = time.perf_counter()
+            train_sum, train_count = trainer.train_epoch(train_batches, on_batch=on_batch, on_step=after_step)
+            train_seconds = time.perf_counter() - start
+            trainer.epoch += 1
+            val_sum, val_count = trainer.validate(val_loader)
+            train_sum, train_count, val_sum, val_count = _sum_over_ranks(
+                [train_sum, train_count, val_sum, val_count], world, device)
+            metrics = EpochMetrics(trainer.epoch, train_sum / max(train_count, 1), val_sum / max(val_count, 1),
+                                   train_count / max(train_seconds, 1e-9), time.perf_counter() - start,
+                                   trainer.step, world)
+            history.append(asdict(metrics))
+            if rank == 0:
+                epoch_file = paths.epoch_checkpoint(trainer.epoch)
+                save_checkpoint(trainer.state_dict(), epoch_file)
+                copy_file(epoch_file, paths.last_checkpoint)
+                write_json(paths.history, history)
+                plot_loss_curves(history, paths.loss_png)
+                display.epoch_end(metrics.epoch, cfg.train.epochs, metrics.train_loss, metrics.val_loss,
+                                  metrics.images_per_s)
+            score = on_epoch(metrics) if on_epoch is not None else None
+            if score is not None:
+                display.scored(metrics.epoch, score["fld"], score["images"])
+    finally:
+        display.close()
     return history
 
 

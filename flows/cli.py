@@ -42,16 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the U-Net (Ray Train with --workers N > 1)")
     _common(p)
     p.add_argument("--workers", help="Ray Train workers (train.num_workers): N, or MIN-MAX to train elastically")
+    p.add_argument("--verbose", action="store_true", help="show Ray Train's own INFO lines too")
     p = sub.add_parser("sample", help="generate images (Ray actors with --workers N > 1)")
     _common(p)
     p.add_argument("--workers", type=int, help="Ray sampling actors (sample.num_actors)")
     p.add_argument("--digit", type=int, help="conditional models: write R/digit_<D>.png, a grid of digit D only")
     p.add_argument("--count", type=int, default=64, help="images in the --digit grid (default 64)")
-    _common(sub.add_parser("evaluate", help="FLD, class-mean distance, label histogram -> evaluation.json"))
+    _common(sub.add_parser("evaluate", help="FLD, class-mean distances, label histogram -> evaluation.json"))
     p = sub.add_parser("pipeline", help="the whole pipeline: the Prefect flow, embedded (what `make run` runs)")
     _common(p)
     p.add_argument("--mirror", help="folder with the four gzipped IDX files")
     p.add_argument("--guidance", type=float, help="train a digit-conditional U-Net and sample with this guidance")
+    p.add_argument("--verbose", action="store_true", help="show Ray Train's own INFO lines too")
     _common(sub.add_parser("model-summary", help="per-layer parameter table of the U-Net and LeNet-5"),
             needs_out=False)
     return parser
@@ -93,7 +95,7 @@ def cmd_model_summary(cfg: Config) -> None:
 
 
 def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
-              args_digit: tuple[int, int] | None = None) -> object:
+              args_digit: tuple[int, int] | None = None, verbose: bool = False) -> object:
     """Run one stage; only when it succeeds is the config it ran with recorded in the run folder."""
     from ddpm import stages
     from ddpm.run_folder import commit_config
@@ -106,7 +108,7 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
     elif command == "train" and worker_range(cfg.train)[1] > 1:
         from flows.distributed import train_with_ray
 
-        result = train_with_ray(cfg, paths, progress=progress)[-1]
+        result = train_with_ray(cfg, paths, progress=progress, verbose=verbose)[-1]
     elif command == "train":
         result = stages.train_unet(cfg, paths, progress=progress)[-1]
     elif command == "sample" and args_digit is not None:
@@ -137,7 +139,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     mnist_ddpm(profile=args.profile, overrides=overrides, config_file=args.config_file,
                run_name=out.name if out else None, runs_dir=str(out.parent) if out else None,
-               guidance_scale=args.guidance)
+               guidance_scale=args.guidance, verbose=args.verbose)
 
 
 class Terminated(KeyboardInterrupt):
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--out {args.out} is a file: give a run folder (new or existing)")
             cfg = resolve_config(args, Path(args.out))
             digit = (args.digit, args.count) if getattr(args, "digit", None) is not None else None
-            result = run_stage(args.command, cfg, Path(args.out), not args.quiet, digit)
+            result = run_stage(args.command, cfg, Path(args.out), not args.quiet, digit,
+                               verbose=getattr(args, "verbose", False))
             print(json.dumps(result, indent=2, default=str))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

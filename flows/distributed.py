@@ -29,11 +29,13 @@ import torch
 from ddpm import stages
 from ddpm.checkpoints import TRAINING_STATE, load_checkpoint, save_checkpoint
 from ddpm.config import Config, config_from_dict, worker_range
-from ddpm.epoch_fld import check_evaluator, finish_training
+from ddpm.epoch_fld import check_evaluator, finish_training, score_epoch
 from ddpm.errors import UserError, first_line
 from ddpm.generate import Shard
+from ddpm.progress import TrainingDisplay
 from ddpm.run_folder import RunPaths
 from ddpm.training import EpochMetrics, NonFiniteLossError, fit, resolve_device, sampling_weights
+from flows import RAY_NODE_ENV
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -42,8 +44,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # The controller drains the one-slot result queue at this interval: the default makes each report ~2 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    for key, value in RAY_NODE_ENV.items():  # see flows/__init__.py
+        os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
@@ -126,6 +128,76 @@ def read_events(storage: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+# How often rank 0 writes a progress event for the driver's display.
+PROGRESS_INTERVAL_S = 2.0
+
+
+class EventsDisplay:
+    """The driver's view of a Ray Train run: follows the events rank 0 and the scoring tasks append to the run's
+    events file, and drives the same display in-process training shows (`ddpm.progress`)."""
+
+    def __init__(self, path: Path, cfg: Config, *, log=None, enabled: bool = True):
+        import threading
+
+        self.path, self.cfg, self.log, self.enabled = path, cfg, log, enabled
+        self.offset = path.stat().st_size if path.exists() else 0  # this attempt's events only
+        self.display: TrainingDisplay | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="ray-train-display", daemon=True)
+
+    def __enter__(self) -> EventsDisplay:
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.stopped.set()
+            self.thread.join(timeout=5)
+            self._read()  # what landed after the last poll
+            if self.display is not None:
+                self.display.close()
+
+    def _follow(self) -> None:
+        while not self.stopped.wait(0.5):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            self._show(json.loads(line))
+
+    def _show(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "progress" and self.display is None:
+            self.display = TrainingDisplay(event["total"], self.cfg.train.batch_size, done=event["step"],
+                                           log=self.log)
+        display = self.display
+        if kind == "progress":
+            display.update(event["step"], event["loss"])
+        elif kind == "start":
+            line = f"Ray Train: {event['world_size']} worker(s) started" + (
+                f", resuming after epoch {event['resumed_after_epoch']}" if event["resumed_after_epoch"] else "")
+            display.line(line) if display is not None else self._say(line)
+        elif display is None:
+            return
+        elif kind == "epoch_end" and "images_per_s" in event:
+            display.update(event["step"])
+            display.epoch_end(event["epoch"], self.cfg.train.epochs, event["train_loss"], event["val_loss"],
+                              event["images_per_s"])
+        elif kind == "scored" and "images" in event:
+            display.scored(event["epoch"], event["fld"], event["images"])
+
+    def _say(self, line: str) -> None:
+        (self.log or print)(line)
+
+
 def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[str, float]:
     m = metrics if isinstance(metrics, dict) else asdict(metrics)
     return {"train_loss": m["train_loss"], "val_loss": m["val_loss"], "images_per_s": m["images_per_s"],
@@ -166,7 +238,7 @@ def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str
         path = Path(folder) / "model.pt"
         score = score_weights(config_from_dict(config), RunPaths(Path(run_dir)),
                               load_checkpoint(path, (UNET,), ""), path, "cpu")
-    _log_event(Path(events), event="scored", epoch=score["epoch"], fld=score["fld"])
+    _log_event(Path(events), event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
     _track(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
     return {"epoch_fld": score["fld"], "epoch": score["epoch"]}
 
@@ -203,14 +275,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log_event(events, event="fault", epoch=epoch)
             os._exit(1)
 
+    last_progress = [0.0]
+
+    def on_step(step: int, total: int, loss: float | None) -> None:
+        # Rank 0 tells the driver's display where training is, every few seconds (one small append).
+        now = time.monotonic()
+        if rank == 0 and now - last_progress[0] >= PROGRESS_INTERVAL_S:
+            last_progress[0] = now
+            _log_event(events, event="progress", step=step, total=total, loss=loss)
+
     def on_epoch(metrics: EpochMetrics) -> None:
         if rank != 0:
             ray.train.report(asdict(metrics))
             return
         _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
-                   val_loss=metrics.val_loss, workers=metrics.workers)
+                   val_loss=metrics.val_loss, workers=metrics.workers, images_per_s=metrics.images_per_s,
+                   step=metrics.step)
         _track(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
-        if not cfg.train.epoch_fld_samples:
+        if cfg.train.epoch_fld_samples and loop_config["score_in_line"]:
+            # Scored here, between epochs, with the worker's threads: the other ranks wait in the report.
+            score = score_epoch(cfg, paths, metrics.epoch, device)
+            _log_event(events, event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
+            _track(loop_config.get("mlflow"), {"epoch_fld": score["fld"]}, score["epoch"])
+        if not cfg.train.epoch_fld_samples or loop_config["score_in_line"]:
             ray.train.report(asdict(metrics))
             return
         # The epoch's sampling weights as a Ray checkpoint: Ray Train hands it to `validate_epoch` in a task of
@@ -223,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     try:
         fit(cfg, paths, device=device, progress=False, on_epoch=on_epoch,
-            on_batch=on_batch if fault_at_epoch else None)
+            on_batch=on_batch if fault_at_epoch else None, on_step=on_step)
     except UserError as exc:
         # Deterministic (a NaN loss, a config the checkpoint refuses): a Ray restart would only repeat it. Every
         # rank stops alike (see DiffusionTrainer.train_step); the driver re-raises the message.
@@ -235,14 +322,44 @@ def ray_run_name(paths: RunPaths) -> str:
     return f"unet-{paths.root.resolve().name}"
 
 
+def trains_in_process(cfg: Config) -> bool:
+    """Whether the flow trains in its own process rather than on Ray Train: one worker (`train.num_workers=1`)
+    on a local Ray. Ray Train earns its keep across processes and nodes; one local worker only pays for it: the
+    same loop ran 15-20% slower in a Ray Train worker than in-process on the 2-core machine (bench/orchestration.py,
+    docs/performance.md). On a cluster ($RAY_ADDRESS) training always goes to Ray Train, which puts it on the
+    cluster's GPU nodes rather than wherever the flow's driver runs."""
+    return worker_range(cfg.train) == (1, 1) and not os.environ.get("RAY_ADDRESS")
+
+
+def scoring_in_tasks(cfg: Config, use_gpu: bool) -> bool:
+    """Whether Ray Train's validation tasks score the epochs beside training, or rank 0 scores each between
+    epochs, as in-process training does (`train.epoch_fld_where`). Beside training pays only where the scoring
+    has cores of its own: on GPU workers it takes the node's idle CPUs. On a CPU node the workers hold every core,
+    and a scoring thread beside them made the 2-core machine train at a third of its speed (bench/orchestration.py,
+    docs/performance.md), so there the worker scores in line, with all its threads."""
+    where = cfg.train.epoch_fld_where
+    return where == "task" or (where == "auto" and use_gpu)
+
+
 def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
-                   tracking: dict[str, str] | None = None, fault_at_epoch: int = 0) -> list[dict[str, Any]]:
+                   tracking: dict[str, str] | None = None, fault_at_epoch: int = 0,
+                   log=None, verbose: bool = False) -> list[dict[str, Any]]:
     """`fit` on `train.num_workers` Ray Train workers; resumes from the run folder like the in-process path.
 
     `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
     `fault_at_epoch` is for tests only: rank 0's process dies once during that epoch.
+    With `progress` the driver shows the training as in-process training does (a bar over optimizer steps, a
+    line per epoch and per score), its lines also to `log` (the flow's Prefect logger). Ray Train's own INFO
+    lines (checkpoint paths, validation bookkeeping) stay out of the console unless `verbose`.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, ValidationConfig, ValidationTaskConfig
+    from ray.train import (
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+        ValidationConfig,
+        ValidationTaskConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     check_evaluator(cfg, paths)
@@ -253,9 +370,11 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     use_gpu = _use_gpu(cfg)
     fewest, most = worker_range(cfg.train)
     validation = None
-    if cfg.train.epoch_fld_samples:
+    in_tasks = cfg.train.epoch_fld_samples > 0 and scoring_in_tasks(cfg, use_gpu)
+    if in_tasks:
         # No CPU reserved: the workers hold the node's CPUs, and a task waiting for one would score every epoch
-        # only once training ends. On CPU it takes one thread beside them; on a GPU node, half its cores.
+        # only once training ends. On a GPU node it takes half the node's cores; forced onto a CPU node
+        # (train.epoch_fld_where=task), one thread.
         threads = cpu_share(2) if use_gpu else 1
         kwargs = {"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
                   "threads": threads, "tracking": tracking}
@@ -264,19 +383,24 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
-                           "mlflow": tracking, "fault_at_epoch": fault_at_epoch},
+                           "mlflow": tracking, "fault_at_epoch": fault_at_epoch, "score_in_line": not in_tasks},
         # A range makes Ray Train elastic: it starts with as many workers as the cluster can hold (at least
         # `fewest`), restarts with fewer after losing one, and grows again when the resources return.
         scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         validation_config=validation,
     )
     if progress:
-        print(f"Ray Train: {cfg.train.num_workers} workers{' (elastic)' if fewest < most else ''} "
-              f"({'GPU' if use_gpu else 'CPU'}), run {name}, storage {storage}", flush=True)
+        scoring = ("in Ray Train validation tasks" if in_tasks else "by rank 0 between epochs") \
+            if cfg.train.epoch_fld_samples else "off"
+        line = (f"Ray Train: {cfg.train.num_workers} workers{' (elastic)' if fewest < most else ''} "
+                f"({'GPU' if use_gpu else 'CPU'}), run {name}, epoch scoring {scoring}; Ray's state in {storage}")
+        (log or print)(line)
     attempt = len(read_events(storage, name))
-    trainer.fit()
+    with EventsDisplay(Path(events), cfg, log=log, enabled=progress):
+        trainer.fit()
     refused = [e for e in read_events(storage, name)[attempt:] if e["event"] == "refused"]
     if refused:
         error = {"NonFiniteLossError": NonFiniteLossError}.get(refused[-1]["error"], UserError)

@@ -108,14 +108,28 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
 
 @task(name="train-unet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
       cache_policy=NO_CACHE)
-def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> list[dict[str, Any]]:
-    """Ray Train; a retry (or a rerun with the same run name) resumes from the last checkpoint."""
-    from flows.distributed import epoch_metrics_for_tracking, train_with_ray
+def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: bool = False) -> list[dict[str, Any]]:
+    """Ray Train, or this process for one local worker (`flows.distributed.trains_in_process`); a retry (or a
+    rerun with the same run name) resumes from the last checkpoint. Progress shows in this task's log: a line per
+    tenth of the steps, per epoch and per score; the losses and scores reach MLflow as each epoch ends."""
+    from flows.distributed import epoch_metrics_for_tracking, train_with_ray, trains_in_process
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
                                 "num_workers": cfg.train.num_workers})  # "N", or "MIN-MAX" (elastic)
-        history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id})
+        log = get_run_logger().info
+        if trains_in_process(cfg):
+            log("U-Net: training in this process (one local worker: train.num_workers=1 without RAY_ADDRESS)")
+
+            def live(metrics, fld) -> None:
+                tracker.metrics(run_id, epoch_metrics_for_tracking(metrics), step=metrics.epoch)
+                if fld is not None:
+                    tracker.metrics(run_id, {"epoch_fld": fld}, step=metrics.epoch)
+
+            history = stages.train_unet(cfg, paths, progress=True, log=log, on_epoch=live)
+        else:
+            history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id},
+                                     log=log, verbose=verbose)
         # Rank 0 logged losses live, and Ray Train's validation tasks each epoch's FLD; add what they did not
         # (epochs of an earlier attempt, scores the driver computed, a tracking hiccup).
         logged, scored = tracker.logged_steps(run_id, "train_loss"), tracker.logged_steps(run_id, "epoch_fld")
@@ -232,10 +246,12 @@ def mnist_ddpm(
     runs_dir: str | None = None,
     promotion: str = "if_better",
     guidance_scale: float | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """The whole pipeline. `profile`: original | gpu | cpu | smoke; `overrides`: {"train.epochs": "3", ...};
     `run_name`: reuse one to resume a crashed run; `promotion`: if_better | never; `guidance_scale`: train a
-    digit-conditional U-Net (label dropout train.p_uncond, a null label) and sample with this guidance."""
+    digit-conditional U-Net (label dropout train.p_uncond, a null label) and sample with this guidance;
+    `verbose`: Ray Train's own INFO lines too."""
     from prefect.runtime import flow_run
 
     overrides = dict(overrides or {})
@@ -256,10 +272,11 @@ def mnist_ddpm(
     # One pipeline per run folder: a second one with the same run name would overwrite the first's checkpoints.
     # The lock dies with its holder, so a killed run's rerun takes it at once.
     with exclusive(runs / f".{run_name}.lock", f"the run folder {paths.root}", wait=False):
-        return _pipeline(cfg, paths, uri, promotion, str(flow_run.get_id()))
+        return _pipeline(cfg, paths, uri, promotion, str(flow_run.get_id()), verbose)
 
 
-def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_id: str) -> dict[str, Any]:
+def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_id: str,
+              verbose: bool = False) -> dict[str, Any]:
     runs, run_name = paths.root.parent, paths.root.name
     tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
         "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": flow_run_id,
@@ -277,7 +294,7 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
         prepare_data_task(cfg, paths, cache, tracker)
         commit_config(cfg, paths)  # the run folder exists from here on; a rerun with run_name resumes it
         lenet = train_lenet_task(cfg, paths, cache, tracker)
-        train_unet_task(cfg, paths, tracker)
+        train_unet_task(cfg, paths, tracker, verbose)
         sample_task(cfg, paths, tracker)
         result = evaluate_task(cfg, paths, tracker, lenet["evaluator_version"])
         if cfg.tracking.register_models:

@@ -9,7 +9,8 @@ Every service binds to 127.0.0.1. All state lives under $CLUSTER_DIR (default <r
     ray/ prefect/ mlflow/ runs/   the services' data; env: a file to `source` that points a shell at them
 
 `down` stops only the processes named by our pid files (their sessions, process groups and descendants), never
-"every Ray on the machine" as `ray stop` would. Stdlib only: it runs under the project's venv Python.
+"every Ray on the machine" as `ray stop` would. The stdlib and `flows.RAY_NODE_ENV` (a dict of settings in a
+module that imports only os): it runs under the project's venv Python.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from flows import RAY_NODE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
@@ -337,8 +340,7 @@ def _ray_env(s: Settings) -> dict[str, str]:
         # SIGTERM to `ray start --block` first asks the GCS to drain the node for up to 30 s (meant for Serve
         # replicas on Kubernetes); with nothing to drain here, shut down at once.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Workers inherit the head's environment: Ray Train's controller otherwise drains results every ~2 s.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        **RAY_NODE_ENV,  # workers inherit the head's environment (flows/__init__.py says why)
     }
 
 

@@ -42,3 +42,16 @@ def test_tiny_fast_path_bench_times_every_switch(tmp_path):
     assert set(results["sample"]) == {f"{s}, noise {n}, compile off" for s in ("ddpm-20", "ddim-5")
                                       for n in ("generator", "philox")}
     assert all(r["seconds"] > 0 for r in results["sample"].values())
+
+
+def test_tiny_orchestration_bench_runs_every_way(tmp_path):
+    """The three ways (in-process, one Ray Train worker, the flow) each train, and their speed is read back."""
+    out = tmp_path / "orchestration.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "orchestration.py"), "--tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary["median_images_per_s"]) == {"in-process", "ray-train", "flow"}
+    assert all(r["images_per_s"] > 0 and len(r["epochs"]) == 1 for r in summary["runs"])  # epoch 2 of 2
+    assert summary["ratio_to_in_process"]["in-process"] == 1.0
+    assert summary["recipe"] == {"profile": "smoke", "steps_per_epoch": 4, "batch": 32, "epochs": 2, "repeats": 1}

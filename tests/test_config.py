@@ -42,6 +42,10 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("sample.compare", "ddim:10,ddim", "sample.compare lists 'ddim' twice"),  # smoke's ddim_steps is 10
     ("sample.compare_samples", "0", "sample.compare_samples=0 must be >= 1"),
     ("sample.noise", "numpy", "sample.noise='numpy': use one of generator, philox"),
+    ("train.lr_schedule", "step", "train.lr_schedule='step': use one of constant, cosine, linear"),
+    ("train.warmup_steps", "-1", "train.warmup_steps=-1 must be >= 0"),
+    ("train.snr_gamma", "-5", "train.snr_gamma=-5.0 must be >= 0"),
+    ("train.epoch_fld_where", "driver", "train.epoch_fld_where='driver': use one of auto, task, worker"),
 ])
 def test_each_wrong_value_is_named_alone(key, text, message):
     with pytest.raises(ConfigError) as err:

@@ -179,3 +179,27 @@ def test_training_loss_label_dropout():
     assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
     assert torch.equal(seen[~dropped], labels[~dropped])
     assert torch.equal(labels, torch.arange(10).repeat(400))  # the caller's labels are not modified
+
+
+def test_min_snr_weighting_matches_the_formula():
+    """Each image's squared error weighted by min(SNR_t, gamma) / SNR_t (Hang et al.), checked against the
+    weights computed here from the schedule; a gamma above every SNR weighs all timesteps alike."""
+    d = GaussianDiffusion.from_config(DiffusionConfig(timesteps=100))
+    x0 = torch.rand(256, 1, 2, 2) * 2 - 1
+    model = Recorder()
+    weighted = d.training_loss(model, x0, generator=torch.Generator().manual_seed(1), snr_gamma=5.0)
+    _, t, _ = model.calls[-1]
+    noise_seen = d.training_loss(Recorder(), x0, generator=torch.Generator().manual_seed(1), snr_gamma=0.0)
+    ab = d.alpha_bars64[t]
+    snr = ab / (1 - ab)
+    weights = torch.clamp(snr, max=5.0) / snr
+    assert 0 < weights.min() < 0.5 and weights.max() == 1.0  # both sides of gamma were drawn
+    # Recorder predicts eps = 0, so each image's error is the mean square of its own noise: recompute it.
+    gen = torch.Generator().manual_seed(1)
+    torch.randint(0, 100, (256,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    per_image = noise.square().flatten(1).mean(dim=1).double()
+    assert weighted.item() == pytest.approx(float((per_image * weights).mean()), rel=1e-5)
+    assert noise_seen.item() == pytest.approx(float(per_image.mean()), rel=1e-5)
+    huge = d.training_loss(Recorder(), x0, generator=torch.Generator().manual_seed(1), snr_gamma=1e9)
+    assert huge.item() == pytest.approx(noise_seen.item(), rel=1e-6)

@@ -40,8 +40,10 @@ def epoch_events(paths: RunPaths):
     from flows.distributed import ray_run_name, read_events
 
     events = read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
-    # Training's own events; "scored" (an epoch's FLD from a validation task) arrives asynchronously.
-    return [(e["event"], e.get("epoch", e.get("resumed_after_epoch"))) for e in events if e["event"] != "scored"]
+    # Training's own events; "scored" (an epoch's FLD from a validation task) arrives asynchronously, and
+    # "progress" (for the driver's display) every few seconds.
+    return [(e["event"], e.get("epoch", e.get("resumed_after_epoch"))) for e in events
+            if e["event"] not in ("scored", "progress")]
 
 
 def layout(paths: RunPaths) -> set[str]:
@@ -54,7 +56,7 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     from flows.distributed import ray_run_name, read_events, train_with_ray
 
     paths = RunPaths(smoke_run)
-    history = train_with_ray(smoke(**{"train.epochs": 2}), paths, progress=False)
+    history = train_with_ray(smoke(**{"train.epochs": 2, "train.epoch_fld_where": "task"}), paths, progress=False)
     assert [h["epoch"] for h in history] == [1, 2]
     assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
@@ -66,13 +68,19 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
 
     # Same run folder, one more epoch, from the command line with an elastic range (`ddpm train --workers 1-2`
     # joins the running cluster through $RAY_ADDRESS, where both workers fit, and leaves it running): continues
-    # at epoch 3 from the epoch-2 checkpoint.
+    # at epoch 3 from the epoch-2 checkpoint. On CPU workers rank 0 scores the epoch itself (epoch_fld_where=auto).
     done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run),
                            "--profile", "smoke", "--workers", "1-2", "--set", "train.epochs=3"],
                           capture_output=True, text=True,
                           env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Ray Train: 1-2 workers (elastic)" in done.stdout
+    assert "epoch scoring by rank 0 between epochs" in done.stdout
+    # The driver shows the workers' training: the step bar, the epoch's losses and its score; Ray Train's own
+    # INFO lines (checkpoint paths, reports) stay out of the default output.
+    assert "train U-Net" in done.stderr and "img/s" in done.stderr
+    assert "epoch 3/3: train loss" in done.stderr and "epoch 3: FLD" in done.stderr
+    assert "Checkpoint successfully created" not in done.stdout + done.stderr
     assert json.loads(paths.config.read_text())["train"]["num_workers"] == "1-2"
     assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
     history = json.loads(paths.history.read_text())

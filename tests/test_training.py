@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import pytest
@@ -17,6 +18,7 @@ from ddpm.training import (
     NonFiniteLossError,
     TrainBatches,
     fit,
+    learning_rate,
     load_model,
     load_training_state,
 )
@@ -214,3 +216,31 @@ def test_fused_adamw_makes_the_same_updates_up_to_rounding():
     initial = torch.cat([p.detach().flatten() for p in fresh.parameters()])
     assert (weights[False] - initial).abs().max() > 1e-3  # five steps did move the weights
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_learning_rate_schedule(schedule):
+    t = smoke(**{"train.lr": 1e-3, "train.lr_schedule": schedule, "train.warmup_steps": 10}).train
+    rates = [learning_rate(t, step, 110) for step in range(110)]
+    assert rates[0] == pytest.approx(1e-4) and rates[4] == pytest.approx(5e-4)  # linear warm-up
+    assert rates[9] == pytest.approx(1e-3) and max(rates) == pytest.approx(1e-3)
+    if schedule == "constant":
+        assert rates[10:] == [1e-3] * 100
+    else:  # from the peak down to 0 at the end, monotonically
+        assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False)) and rates[-1] < 2e-5
+        half = 1e-3 * (0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi / 2)))
+        assert rates[60] == pytest.approx(half)
+    t = smoke(**{"train.lr": 1e-3}).train
+    assert [learning_rate(t, s, 100) for s in (0, 50, 99)] == [1e-3] * 3  # the defaults: the original's rate
+
+
+def test_trainer_steps_with_the_scheduled_rate(tmp_path, make_run):
+    """Every optimizer step takes the schedule's rate for its step of the whole run (epochs x batches)."""
+    cfg = smoke(**{"train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.max_train_images": 128})
+    paths = run_folder(make_run, tmp_path, "sched")
+    fit(cfg, paths, progress=False)
+    total = 2 * (128 // 32)
+    for epoch, last_step in ((1, 3), (2, 7)):  # the rate the epoch's last step was taken with
+        state = state_of(paths.epoch_checkpoint(epoch))
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(learning_rate(cfg.train, last_step, total))
+    assert state_of(paths.epoch_checkpoint(2))["optimizer"]["param_groups"][0]["lr"] < 0.1 * cfg.train.lr  # decayed
