@@ -218,23 +218,26 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {"train.device": "auto", "train.check_every": 50, "train.fused_optimizer": True,
             "sample.noise": "philox", "sample.batch_size": 2_000,
             "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
-    # A 2-core machine's `make run` in under 30 minutes: steps, not epochs, buy quality, so one worker using both
-    # cores at batch 32 under bf16 autocast (1.45x the float32 steps/s in-process, about 1.15x on the Ray Train
-    # worker; at equal steps FLD 7.87 against 6.97, at 9 epochs 5.55: docs/results.md) for 8 epochs, the most
-    # that stays under 30 minutes (FLD 6.67 in 27 min 10 s). Then 10,000 samples with the stochastic
-    # DPM-Solver++ in 25 steps: on a 4-epoch model, 2,000 samples, it matched 100-step DDPM (FLD 11.3; 30 steps
-    # 10.9, 20 steps 12.4), where the deterministic solver (26.1 at 20 steps) and DDIM (30.5) did not. Sampling
-    # stays float32 (bf16 sampling cost 2% FLD for 1.8x).
+    # A 2-core machine's `make run` in about 25 minutes: steps, not epochs, buy quality, so one worker using both
+    # cores at batch 32 under bf16 autocast (at equal wall time it beat float32: docs/results.md), trained in the
+    # flow's own process (docs/performance.md, "Orchestration") for 9 epochs, with 500 steps of warm-up and the
+    # rate decayed to 0 by a cosine: on this session's machine FLD 4.35 against 5.25 at a constant rate
+    # (docs/results.md, "A recipe for the budget"). Then 10,000 samples with the stochastic DPM-Solver++ in 25
+    # steps: on a 4-epoch model, 2,000 samples, it matched 100-step DDPM (FLD 11.3; 30 steps 10.9, 20 steps
+    # 12.4), where the deterministic solver (26.1 at 20 steps) and DDIM (30.5) did not. Sampling stays float32
+    # (bf16 sampling cost 2% FLD for 1.8x).
     "cpu": {
-        "train.epochs": 8,
+        "train.epochs": 9,
+        "train.lr_schedule": "cosine",
+        "train.warmup_steps": 500,
         "train.cpu_bf16": True,
         "train.max_val_images": 2_000,
-        # About 10 s of the 2 cores per epoch, alongside training.
+        # About 8 s of the 2 cores per epoch, between epochs.
         "train.epoch_fld_samples": 500,
         "sample.sampler": "dpm++2m-sde",
         "sample.ddim_steps": 25,
         "sample.batch_size": 250,  # 1,300 image-steps/s here against about 800 at 500 (measured)
-        # 100-step DDPM beside it on the first 2,000 seeds (about 4 minutes here; 10,000 would take 20).
+        # 100-step DDPM beside it on the first 2,000 seeds (about 2-4 minutes here; 10,000 would take 10-20).
         "sample.compare": ("ddpm",),
     },
     # Seconds, for tests: tiny network, few steps, few images.

@@ -123,3 +123,6 @@ def test_profiles_say_what_they_are():
     gpu = load_config("gpu")  # the fast path on a GPU; the CPU keeps what measured fastest there
     assert (gpu.sample.noise, gpu.train.check_every, gpu.train.fused_optimizer) == ("philox", 50, True)
     assert (cpu.sample.noise, cpu.train.check_every, cpu.train.cpu_bf16) == ("generator", 1, True)
+    # The recipe tuned for the cpu budget (docs/results.md); the original keeps its constant rate, all timesteps alike.
+    assert (cpu.train.lr_schedule, cpu.train.warmup_steps) == ("cosine", 500)
+    assert (original.train.lr_schedule, original.train.warmup_steps, original.train.snr_gamma) == ("constant", 0, 0.0)
