@@ -238,9 +238,14 @@ def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str
         path = Path(folder) / "model.pt"
         score = score_weights(config_from_dict(config), RunPaths(Path(run_dir)),
                               load_checkpoint(path, (UNET,), ""), path, "cpu")
-    _log_event(Path(events), event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
-    _track(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
+    _record_score(Path(events), tracking, score)
     return {"epoch_fld": score["fld"], "epoch": score["epoch"]}
+
+
+def _record_score(events: Path, tracking: dict[str, Any] | None, score: dict[str, Any]) -> None:
+    """An epoch's score, wherever it was drawn: an event for the driver's display, the live MLflow curve."""
+    _log_event(events, event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
+    _track(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -294,9 +299,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _track(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
         if cfg.train.epoch_fld_samples and loop_config["score_in_line"]:
             # Scored here, between epochs, with the worker's threads: the other ranks wait in the report.
-            score = score_epoch(cfg, paths, metrics.epoch, device)
-            _log_event(events, event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
-            _track(loop_config.get("mlflow"), {"epoch_fld": score["fld"]}, score["epoch"])
+            _record_score(events, loop_config.get("mlflow"), score_epoch(cfg, paths, metrics.epoch, device))
         if not cfg.train.epoch_fld_samples or loop_config["score_in_line"]:
             ray.train.report(asdict(metrics))
             return
