@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ddpm.checkpoints import write_atomically
-from ddpm.config import Config, with_trained
+from ddpm.config import Config, UNetConfig, with_trained
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError, first_line
 from ddpm.heap import retain_freed_memory
@@ -48,11 +48,24 @@ def plan_shards(num_samples: int, batch_size: int, num_shards: int) -> list[Shar
     return shards
 
 
-def labels_for(start: int, count: int, num_classes: int) -> torch.Tensor | None:
-    """Conditional models draw digits round-robin (image i gets label i % 10): a balanced set by design."""
-    if num_classes <= 0:
+# The golden ratio's fractional part: u_i = frac(i * PHI) fills [0, 1) evenly over any run of consecutive i.
+PHI = (5 ** 0.5 - 1) / 2
+
+
+def labels_for(start: int, count: int, unet: UNetConfig) -> torch.Tensor | None:
+    """The labels of images start .. start + count - 1 of a conditional model (None for an unconditional one).
+
+    Image i gets the digit whose slot of the cumulative `unet.label_shares` (uniform when empty) holds
+    frac(i * PHI): a low-discrepancy sequence, so every run of consecutive images, the first 500 that score an
+    epoch as much as all 10,000, holds each digit in its share to within a few images, and an image's label
+    depends on its index alone, never on how the set is sharded.
+    """
+    if unet.num_classes <= 0:
         return None
-    return torch.arange(start, start + count) % num_classes
+    shares = torch.tensor(unet.label_shares or [1.0] * unet.num_classes, dtype=torch.float64)
+    edges = torch.cumsum(shares / shares.sum(), 0)[:-1]
+    u = torch.remainder(torch.arange(start, start + count, dtype=torch.float64) * PHI, 1.0)
+    return torch.bucketize(u, edges, right=True)
 
 
 def load_for_sampling(cfg: Config, model_path: Path, device: torch.device | str
@@ -118,7 +131,7 @@ def draw_images(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, sta
     images, labels = [], []
     for first in range(start, start + count, s.batch_size):
         n = min(s.batch_size, start + count - first)
-        batch_labels = labels_for(first, n, cfg.unet.num_classes)
+        batch_labels = labels_for(first, n, cfg.unet)
         result = run_sampler(model, diffusion, cfg, image_noise(cfg, first, n), batch_labels)
         images.append(model_to_uint8(result.images).numpy()[:, 0])
         labels.append(batch_labels.numpy() if batch_labels is not None else np.full(n, -1))

@@ -234,7 +234,7 @@ def shard_file(folder: Path, shard: Shard) -> Path:
 def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: GaussianDiffusion) -> Path:
     """The reverse process of a few images: x_t beside the model's running estimate of x0."""
     n = cfg.sample.animation_images
-    result = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, n), labels_for(0, n, cfg.unet.num_classes),
+    result = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, n), labels_for(0, n, cfg.unet),
                          keep_every=max(1, sampler_steps(cfg) // 25))
     return save_reverse_process_gif(result.xt_frames, result.x0_frames, result.timesteps, paths.animation)
 

@@ -11,6 +11,7 @@ elastic Ray run can continue on fewer workers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -383,6 +384,11 @@ def _sum_over_ranks(values: list[float], world_size: int, device: torch.device) 
     return tensor.tolist()
 
 
+def with_label_shares(cfg: Config, shares: tuple[float, ...]) -> Config:
+    """`cfg` whose conditional model draws digits in `shares` (`unet.label_shares`)."""
+    return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, label_shares=tuple(shares)))
+
+
 def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, progress: bool = True,
         on_epoch: Callable[[EpochMetrics], dict[str, Any] | None] | None = None,
         on_batch: Callable[[int, int], None] | None = None,
@@ -407,9 +413,15 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
                         "least one image each")
     device = device or resolve_device(cfg.train.device)
     state = load_training_state(paths)
+    (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     if state is not None:
+        trained = checkpoint_config(state, paths.last_checkpoint)
+        cfg = with_label_shares(cfg, trained.unet.label_shares)  # recorded when training began
         # The checkpoint fixes the architecture and the schedule: a different request is an error, not a crash.
-        with_trained(cfg, checkpoint_config(state, paths.last_checkpoint), None, str(paths.last_checkpoint))
+        with_trained(cfg, trained, None, str(paths.last_checkpoint))
+    elif cfg.unet.num_classes > 0 and not cfg.unet.label_shares:
+        counts = torch.bincount(torch.as_tensor(train_y), minlength=cfg.unet.num_classes)[:cfg.unet.num_classes]
+        cfg = with_label_shares(cfg, tuple(round(c / len(train_y), 6) for c in counts.tolist()))
     trainer = DiffusionTrainer(cfg, device, rank=rank, world_size=world)
     if state is not None:
         trainer.load_state_dict(state)
@@ -421,7 +433,6 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
             change = f"; train.lr {saved_lr:g} -> {cfg.train.lr:g} from here on" \
                 if constant and saved_lr != cfg.train.lr else ""
             print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}{change}", flush=True)
-    (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
     val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
     train_batches = TrainBatches(train_x, train_y, cfg.train.batch_size, cfg.train.seed, rank=rank,
                                  world_size=world, device=device, resident=cfg.train.resident_data)

@@ -24,7 +24,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
-from ddpm.config import Config, load_config
+from ddpm.config import Config, compare_sets, load_config, sampler_spec
 from ddpm.epoch_fld import selection
 from ddpm.errors import UserError
 from ddpm.locks import exclusive
@@ -259,9 +259,12 @@ def mnist_ddpm(
         overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
     cfg = load_config(profile, config_file, overrides)
     if guidance_scale is not None and "sample.compare" not in overrides:
-        # The report sets the guided set beside the same sampler without guidance (w=0: the unconditional model).
-        unguided = f"{cfg.sample.sampler}@0"
-        overrides["sample.compare"] = ",".join([*cfg.sample.compare, unguided])
+        # The report sets the guided set beside the same model and sampler unguided: w = 0 (the unconditional
+        # branch) and w = 1 (the conditional network alone), where the profile does not list them already.
+        listed = compare_sets(cfg)
+        plain = [spec for w in (0, 1) if w != guidance_scale
+                 for spec in [f"{cfg.sample.sampler}@{w}"] if sampler_spec(cfg, spec, spec)[0] not in listed]
+        overrides["sample.compare"] = ",".join([*cfg.sample.compare, *plain])
         cfg = load_config(profile, config_file, overrides)
     check_promotion(promotion)  # before any compute, not only when the register stage gets to it
     runs = resolve_runs_dir(cfg, runs_dir)

@@ -67,6 +67,21 @@ def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
     assert compare_sets(few)["ddim-5"].num_samples == 20  # never more seeds than the main set has
 
 
+@pytest.mark.parametrize("classes, spec, guidance", [
+    (10, "ddim:5", 1.0),      # a conditional model is scored by itself, not under the run's guidance 3
+    (10, "ddim:5@0", 0.0),    # unless the spec names its own
+    (10, "ddim:5@2.5", 2.5),
+    (0, "ddim:5", 3.0),       # an unconditional model ignores guidance: the run's value is kept as it was
+])
+def test_epoch_scores_of_a_conditional_model_default_to_guidance_1(classes, spec, guidance):
+    from ddpm.config import epoch_fld_config
+
+    cfg = load_config("smoke", overrides={"unet.num_classes": str(classes), "sample.guidance_scale": "3",
+                                          "train.epoch_fld_sampler": spec})
+    scored = epoch_fld_config(cfg).sample
+    assert (scored.sampler, scored.ddim_steps, scored.guidance_scale) == ("ddim", 5, guidance)
+
+
 def test_parse_overrides():
     assert parse_overrides(["a.b=1", " c.d = x=y "]) == {"a.b": "1", "c.d": "x=y"}
     with pytest.raises(ConfigError, match="section.key=value"):
@@ -124,5 +139,7 @@ def test_profiles_say_what_they_are():
     assert (gpu.sample.noise, gpu.train.check_every, gpu.train.fused_optimizer) == ("philox", 50, True)
     assert (cpu.sample.noise, cpu.train.check_every, cpu.train.cpu_bf16) == ("generator", 1, True)
     # The recipe tuned for the cpu budget (docs/results.md); the original keeps its constant rate, all timesteps alike.
-    assert (cpu.train.lr_schedule, cpu.train.warmup_steps) == ("cosine", 500)
+    assert (cpu.train.lr_schedule, cpu.train.warmup_steps, cpu.train.snr_gamma) == ("cosine", 500, 5.0)
+    # ... and digit-conditional, sampled by its conditional network alone (guidance above 1 raised the FLD)
+    assert (cpu.unet.num_classes, cpu.sample.guidance_scale, original.unet.num_classes) == (10, 1.0, 0)
     assert (original.train.lr_schedule, original.train.warmup_steps, original.train.snr_gamma) == ("constant", 0, 0.0)

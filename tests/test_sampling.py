@@ -120,6 +120,29 @@ def test_same_images_in_one_batch_or_two(sampler, noise_kind):
 # --- DDIM ---------------------------------------------------------------------------------------------------
 
 
+MNIST_TRAIN_SHARES = (0.0987, 0.1124, 0.0993, 0.1022, 0.0974, 0.0904, 0.0986, 0.1044, 0.0975, 0.0991)
+
+
+@pytest.mark.parametrize("shares", [(), MNIST_TRAIN_SHARES, (0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0)])
+def test_labels_follow_the_shares_in_every_window_and_ignore_sharding(shares):
+    """Any run of consecutive images (an epoch's first 500, a shard, all 10,000) holds each digit within two
+    images of its share; a digit of share 0 never appears; an image's label depends on its index alone."""
+    from ddpm.config import UNetConfig
+    from ddpm.generate import labels_for
+
+    unet = UNetConfig(num_classes=10, label_shares=shares)
+    p = torch.tensor(shares or [1.0] * 10, dtype=torch.float64)
+    p /= p.sum()
+    for start in (0, 7, 500, 9_999):
+        for n in (40, 500, 10_000):
+            counts = torch.bincount(labels_for(start, n, unet), minlength=10)
+            assert (counts - n * p).abs().max() <= 2 + 1e-9, (start, n, counts.tolist())
+            assert (counts[p == 0] == 0).all()
+    whole = labels_for(0, 1_000, unet)
+    assert torch.equal(whole, torch.cat([labels_for(0, 333, unet), labels_for(333, 667, unet)]))
+    assert labels_for(0, 10, UNetConfig()) is None  # unconditional: no labels
+
+
 def test_ddim_timesteps():
     assert ddim_timesteps(20, 20) == list(range(19, -1, -1))
     assert ddim_timesteps(100, 1) == [99]

@@ -11,12 +11,14 @@ import torch
 
 from ddpm.checkpoints import LENET, TRAINING_STATE, UNET, CheckpointError, load_checkpoint
 from ddpm.config import ConfigError, load_config
+from ddpm.data import load_split
 from ddpm.stages import RunPaths, train_unet
 from ddpm.training import (
     EMA,
     DiffusionTrainer,
     NonFiniteLossError,
     TrainBatches,
+    checkpoint_config,
     fit,
     learning_rate,
     load_model,
@@ -94,6 +96,10 @@ def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, make_run
     (key,) = [k for k in trained if "label" in k and k.endswith("weight")]
     moved = (trained[key] - init[key]).abs().sum(dim=1)
     assert (moved[:10] > 0).all() and moved[10] == 0
+    # The training split's label shares go into the checkpoint: what the model samples its digits in.
+    _, labels = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
+    recorded = checkpoint_config(state_of(paths.last_checkpoint), paths.last_checkpoint).unet.label_shares
+    assert recorded == pytest.approx((torch.bincount(labels, minlength=10) / len(labels)).tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize("check_every", [1, 3])
