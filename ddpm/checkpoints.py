@@ -52,6 +52,25 @@ def write_json(path: Path, payload: Any) -> Path:
     return write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
+def read_json(path: Path, remake: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
+    """A JSON file a stage wrote: a `kind` (dict, or list of dicts) whose dicts hold `keys`. Missing, damaged
+    (truncated, empty, not UTF-8) or of another shape, it is refused in one line naming the file and `remake`,
+    the command that writes it again."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())  # json detects UTF-8/16/32 by itself
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {remake}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}): {remake}") from None
+    items = value if kind is list and isinstance(value, list) else [value]
+    if not isinstance(value, kind) or not all(isinstance(i, dict) and all(k in i for k in keys) for i in items):
+        shape = f"{kind.__name__}{' of objects' if kind is list else ''} with {', '.join(keys)}" if keys else \
+            kind.__name__
+        raise UserError(f"{path} is not what this project writes there (expected a {shape}): {remake}")
+    return value
+
+
 def copy_file(source: Path, target: Path) -> Path:
     return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
 

@@ -7,6 +7,8 @@ Every value is validated here, so an impossible config fails before any work sta
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddpm.errors import UserError
+from ddpm.errors import UserError, first_line
 
 # The choices each string key allows; the modules that act on them import these.
 BLOCKS = ("resblock", "convembed")
@@ -211,6 +213,112 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric key (or each element of a numeric tuple) may take: [low, high], either end open."""
+
+    low: float
+    high: float = math.inf
+    why: str = ""  # shown when a value passes `high`: what the bound protects
+    means: str = ""  # shown with any refusal: what the values mean
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value`, or None."""
+        means = f" ({self.means})" if self.means else ""
+        if not math.isfinite(value):
+            return "must be a finite number" + means
+        if value < self.low or (self.open_low and value == self.low):
+            return f"must be {'>' if self.open_low else '>='} {self.low:g}" + means
+        if value > self.high or (self.open_high and value == self.high):
+            return f"must be {'<' if self.open_high else '<='} {self.high:g}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+SEED = Bounds(0, 2**32 - 1, "seeds are unsigned 32-bit")
+MNIST_TRAIN = 60_000  # images in MNIST's training file, before the validation split
+MEMORY = "one batch's activations are held at once: a larger one only risks running out of memory"
+# Every int and float key's bounds: the schema the config is validated against and the tests derive their bad
+# values from (tests/test_schema.py fails for a numeric key added without bounds). Rules between keys (a
+# batch per worker, steps within the schedule) are in `validate`.
+BOUNDS: dict[str, Bounds] = {
+    "data.val_fraction": Bounds(0, 1, open_low=True, open_high=True),
+    "data.split_seed": SEED,
+    "unet.in_channels": Bounds(1, 1, "MNIST images have one channel"),
+    "unet.image_size": Bounds(28, 28, "MNIST images are 28 x 28"),
+    "unet.base_channels": Bounds(1, 1024, "wider networks do not fit a 28 x 28 task's memory or time"),
+    "unet.channel_multipliers": Bounds(1, 64, "a level's width is base_channels times this"),
+    "unet.blocks_per_level": Bounds(1, 16, "deeper levels do not fit a 28 x 28 task's memory or time"),
+    "unet.groups": Bounds(1, 1024, "GroupNorm groups cannot outnumber the channels"),
+    "unet.heads": Bounds(1, 1024, "attention heads cannot outnumber the channels"),
+    "unet.num_classes": Bounds(0, 10, "MNIST has 10 digits", means="0: unconditional, 10: digit-conditional"),
+    "unet.label_shares": Bounds(0, 1),
+    "diffusion.timesteps": Bounds(2, 10_000, "every DDPM image takes one network call per step"),
+    "diffusion.cosine_s": Bounds(0, 1, open_high=True),
+    "diffusion.beta_start": Bounds(0, 1, open_low=True, open_high=True),
+    "diffusion.beta_end": Bounds(0, 1, open_low=True, open_high=True),
+    "train.epochs": Bounds(1, 10_000, "an epoch over MNIST is 1,700 steps at batch 32"),
+    "train.batch_size": Bounds(1, MNIST_TRAIN, "no more images than MNIST's training set"),
+    # No upper bound: a rate that diverges is stopped at its first non-finite loss, naming the step and the fix.
+    "train.lr": Bounds(0, open_low=True),
+    "train.warmup_steps": Bounds(0, 100_000_000, means="0: no warm-up"),
+    "train.snr_gamma": Bounds(0, means="0: every timestep weighted alike; Hang et al. use 5"),
+    "train.weight_decay": Bounds(0, 1),
+    "train.grad_clip": Bounds(0),
+    "train.ema_decay": Bounds(0, 1, open_high=True, means="0 disables EMA"),
+    "train.p_uncond": Bounds(0, 1, open_high=True),
+    "train.seed": SEED,
+    "train.check_every": Bounds(1, 1_000_000),
+    "train.max_train_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
+    "train.max_val_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
+    "train.micro_batch": Bounds(0, MNIST_TRAIN, MEMORY, means="0: no limit"),
+    "train.max_failures": Bounds(0, 1_000),
+    "train.epoch_fld_samples": Bounds(0, 10_000, "each epoch's score draws these between epochs", means="0: off"),
+    "classifier.epochs": Bounds(1, 1_000),
+    "classifier.batch_size": Bounds(1, MNIST_TRAIN, "no more images than MNIST's training set"),
+    "classifier.lr": Bounds(0, open_low=True),
+    "classifier.seed": SEED,
+    "classifier.min_accuracy": Bounds(0, 1, open_low=True),
+    "classifier.max_train_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
+    "sample.num_samples": Bounds(1, 1_000_000, "a million images take hours on a GPU, days on a CPU"),
+    "sample.ddim_steps": Bounds(1, 10_000, "no more than diffusion.timesteps"),
+    "sample.eta": Bounds(0, 1, "0 is DDIM, 1 DDPM's variance; above it the step's noise is undefined"),
+    "sample.guidance_scale": Bounds(0, 100, "scales past a few only over-sharpen",
+                                     means="0: unconditional, 1: conditional, > 1: guided"),
+    "sample.batch_size": Bounds(1, 20_000, MEMORY),
+    "sample.seed": SEED,
+    "sample.num_actors": Bounds(1, 1_024),
+    "sample.animation_images": Bounds(1, 256, "the animation is a grid of these"),
+    "sample.compare_samples": Bounds(1, 1_000_000, "a million images take hours on a GPU, days on a CPU"),
+    "eval.batch_size": Bounds(1, 20_000, MEMORY),
+    "eval.max_reference_images": Bounds(0, 10_000, "MNIST's test set holds 10,000"),
+}
+# Every str key with a fixed set of values (the free-form ones, paths, URIs and specs, are parsed in `validate`).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "unet.block": BLOCKS, "unet.init": INITS, "diffusion.schedule": SCHEDULES, "diffusion.loss": LOSSES,
+    "train.lr_schedule": LR_SCHEDULES, "train.device": DEVICES, "train.use_gpu": ("auto", "true", "false"),
+    "train.compile": COMPILE_MODES, "train.epoch_fld_where": SCORING_PLACES, "train.export": EXPORTS,
+    "sample.sampler": SAMPLERS, "sample.noise": NOISES, "sample.compile": COMPILE_MODES,
+}
+
+
+def check_schema(cfg: Config) -> None:
+    """Each key against its own bounds or choices (`BOUNDS`, `CHOICES`), one message naming the key."""
+    for key, value in cfg.flat().items():
+        bounds, choices = BOUNDS.get(key), CHOICES.get(key)
+        for v in (value if isinstance(value, tuple) else (value,)) if bounds else ():
+            problem = bounds.problem(v)
+            _check(problem is None, f"{key}={_show(value)} {problem}" if v is value else
+                   f"{key}={_show(value)}: each value {problem}")
+        _check(choices is None or value in choices, f"{key}={value!r}: use one of {', '.join(choices or ())}")
+        _check(not isinstance(value, float) or math.isfinite(value), f"{key}={value} must be a finite number")
+
+
+def _show(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, tuple) else f"{value}"
+
+
 # Profiles are overrides on the defaults above (the reference network, T=100, batch 32, AdamW 1e-3, EMA).
 PROFILES: dict[str, dict[str, Any]] = {
     # The original recipe exactly (DenoisingDiffusion.jl): Flux's initialisation, no EMA, Adam 1e-3 without
@@ -295,6 +403,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
         return tuple(_coerce(v, args[0], key) for v in value)
+    if isinstance(value, bool) and annotation is not bool:  # JSON's true is no number of epochs
+        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
+    if isinstance(value, (dict, list)) and annotation in (bool, int, float, str):
+        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -346,18 +458,48 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def flag_names(flags: dict[str, str]):
+    """Refusals of a key that a command-line flag set name the flag too: {"sample.guidance_scale": "--guidance"}."""
+    try:
+        yield
+    except ConfigError as exc:
+        key = str(exc).split("=", 1)[0]
+        if key in flags:
+            raise ConfigError(f"{flags[key]}: {exc}") from None
+        raise
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"config file {path} must end in .toml or .json")
     try:
-        if path.suffix == ".toml":
-            return _flatten(tomllib.loads(path.read_text()))
-        if path.suffix == ".json":
-            return _flatten(json.loads(path.read_text()))
+        tree = (tomllib.loads if path.suffix == ".toml" else json.loads)(read_text_file(path))
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
-    raise ConfigError(f"config file {path} must end in .toml or .json")
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {first_line(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections (e.g. {{\"train\": {{\"epochs\": 3}}}}), "
+                          f"not a {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file as UTF-8, or as UTF-16/32 where a byte-order mark says so; anything else is refused by name."""
+    raw = path.read_bytes()
+    # UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's.
+    marks = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+             (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+    codec = next((name for mark, name in marks if raw.startswith(mark)), "utf-8")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not {codec.upper().removesuffix('-SIG')} text (byte {exc.start}): save it as "
+                          "UTF-8") from None
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -462,61 +604,34 @@ def _at_least(section: Any, name: str, key: str, bound: int | float) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Every rule a config must meet, each checked once and reported with its key and the fix."""
+    """Every rule a config must meet, each checked once and reported with its key and the fix: each key's own
+    bounds or choices (`check_schema`), then the architecture and the rules between keys."""
+    check_schema(cfg)
     u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
-    for key, value in cfg.flat().items():
-        _check(not isinstance(value, float) or math.isfinite(value), f"{key}={value} must be a finite number")
     check_unet(u)
-    _check(d.schedule in SCHEDULES, f"diffusion.schedule={d.schedule!r}: use one of {', '.join(SCHEDULES)}")
-    _check(d.loss in LOSSES, f"diffusion.loss={d.loss!r}: use one of {', '.join(LOSSES)}")
-    _at_least(d, "diffusion", "timesteps", 2)
-    _check(0 < d.beta_start < d.beta_end < 1,
-           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} need 0 < beta_start < beta_end < 1")
-    for key in ("epochs", "batch_size"):
-        _at_least(t, "train", key, 1)
+    _check(u.num_classes in (0, 10), f"unet.num_classes={u.num_classes} must be 0 (unconditional) or 10 "
+                                     "(MNIST's digits)")
+    _check(d.beta_start < d.beta_end,
+           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} need beta_start < beta_end")
     _, most = worker_range(t)
     _check(t.batch_size >= most,
            f"train.batch_size={t.batch_size} is the global batch, split across up to {most} workers "
            f"(train.num_workers={t.num_workers!r}): it needs at least one image per worker")
-    _check(t.micro_batch >= 0, f"train.micro_batch={t.micro_batch} must be >= 0 (0: no limit)")
-    _at_least(t, "train", "check_every", 1)
-    for section, mode in (("train", t.compile), ("sample", s.compile)):
-        _check(mode in COMPILE_MODES, f"{section}.compile={mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    _check(not t.max_train_images or t.batch_size <= t.max_train_images,
+           f"train.batch_size={t.batch_size} is larger than train.max_train_images={t.max_train_images}: an "
+           "epoch would hold no batch; lower the batch or raise the images")
+    _check(not cfg.classifier.max_train_images or cfg.classifier.batch_size <= cfg.classifier.max_train_images,
+           f"classifier.batch_size={cfg.classifier.batch_size} is larger than classifier.max_train_images="
+           f"{cfg.classifier.max_train_images}: an epoch would hold no batch")
     _check(t.epoch_fld_samples == 0 or t.epoch_fld_samples >= 2,
            f"train.epoch_fld_samples={t.epoch_fld_samples} must be 0 (off) or >= 2 (a covariance needs two images)")
     epoch_fld_config(cfg)
-    _check(t.epoch_fld_where in SCORING_PLACES,
-           f"train.epoch_fld_where={t.epoch_fld_where!r}: use one of {', '.join(SCORING_PLACES)}")
-    _check(t.export in EXPORTS, f"train.export={t.export!r}: use one of {', '.join(EXPORTS)}")
     _check(t.export != "best" or t.epoch_fld_samples > 0,
            "train.export='best' picks the epoch with the lowest epoch FLD, which train.epoch_fld_samples=0 turns "
            "off: set train.export=last, or train.epoch_fld_samples > 0")
-    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _check(t.lr_schedule in LR_SCHEDULES, f"train.lr_schedule={t.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
-    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0 (0: no warm-up)")
-    _check(t.snr_gamma >= 0, f"train.snr_gamma={t.snr_gamma} must be >= 0 (0: every timestep weighted alike; "
-                             "Hang et al. use 5)")
-    _check(0 <= t.ema_decay < 1, f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
-    _check(0 <= t.p_uncond < 1, f"train.p_uncond={t.p_uncond} must be in [0, 1)")
-    _check(t.device in DEVICES, f"train.device={t.device!r}: use one of {', '.join(DEVICES)}")
-    _check(t.use_gpu in ("auto", "true", "false"), f"train.use_gpu={t.use_gpu!r}: use auto, true or false")
-    _check(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    _check(s.sampler in SAMPLERS, f"sample.sampler={s.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    _check(s.noise in NOISES, f"sample.noise={s.noise!r}: use one of {', '.join(NOISES)}")
-    for key in ("num_samples", "batch_size", "num_actors"):
-        _at_least(s, "sample", key, 1)
-    _check(1 <= s.ddim_steps <= d.timesteps,
+    _check(s.ddim_steps <= d.timesteps,
            f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]")
-    _check(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
-    _check(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be >= 0 (0: unconditional, "
-                                  "1: conditional, > 1: guided)")
-    _at_least(s, "sample", "compare_samples", 1)
     compare_sets(cfg)
-    _at_least(cfg.classifier, "classifier", "batch_size", 1)
-    _at_least(cfg.classifier, "classifier", "epochs", 1)
-    _at_least(cfg.eval, "eval", "batch_size", 1)
-    _check(0 < cfg.classifier.min_accuracy <= 1,
-           f"classifier.min_accuracy={cfg.classifier.min_accuracy} must be in (0, 1]")
 
 
 _COMPARE_SPEC = re.compile(r"^(?P<sampler>[a-z0-9+-]+?)(?::(?P<steps>\d+))?(?:@(?P<guidance>[0-9.]+))?$")

@@ -15,7 +15,6 @@ failed, or was lost with its cluster), so the choice never rests on a score that
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm.checkpoints import TRAINING_STATE, UNET, load_checkpoint, save_checkpoint, write_json
+from ddpm.checkpoints import TRAINING_STATE, UNET, load_checkpoint, read_json, save_checkpoint, write_json
 from ddpm.classifier import load_lenet
 from ddpm.config import Config, epoch_fld_config, with_trained
 from ddpm.data import load_split
@@ -33,7 +32,7 @@ from ddpm.errors import UserError
 from ddpm.generate import draw_images
 from ddpm.metrics import extract_lenet_outputs, frechet_lenet_distance
 from ddpm.pixels import uint8_to_model
-from ddpm.run_folder import RunPaths
+from ddpm.run_folder import HISTORY_REMAKE, RunPaths
 from ddpm.training import model_from_weights, sampling_weights
 
 
@@ -106,7 +105,9 @@ def epoch_fld_path(paths: RunPaths, epoch: int) -> Path:
 def read_scores(paths: RunPaths) -> dict[int, dict[str, Any]]:
     """Every epoch's score written so far, by epoch."""
     folder = paths.unet / "epoch_fld"
-    scores = [json.loads(p.read_text()) for p in sorted(folder.glob("epoch_*.json"))] if folder.is_dir() else []
+    remake = "delete it; the next `ddpm train --out RUN_DIR` scores that epoch again"
+    scores = [read_json(p, remake, keys=("epoch", "fld")) for p in sorted(folder.glob("epoch_*.json"))] \
+        if folder.is_dir() else []
     return {s["epoch"]: s for s in scores}
 
 
@@ -117,7 +118,7 @@ def finish_training(cfg: Config, paths: RunPaths, *, device: torch.device | str 
     reason). Returns the history."""
     from ddpm.images import plot_loss_curves
 
-    history = json.loads(paths.history.read_text())
+    history = read_json(paths.history, HISTORY_REMAKE, list, ("epoch",))
     by_epoch = {h["epoch"]: h for h in history}
     last = history[-1]["epoch"]
     chosen, reason, best = last, "last epoch", None

@@ -48,6 +48,8 @@ def plan_shards(num_samples: int, batch_size: int, num_shards: int) -> list[Shar
     return shards
 
 
+IMAGE_SIDE = 28  # MNIST's: every samples file holds 28 x 28 uint8 images
+
 # The golden ratio's fractional part: u_i = frac(i * PHI) fills [0, 1) evenly over any run of consecutive i.
 PHI = (5 ** 0.5 - 1) / 2
 
@@ -164,8 +166,11 @@ def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray]:
         table = pq.read_table(path, columns=["image", "label"])
         flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         side = int(round((len(flat) / max(len(table), 1)) ** 0.5))
-        if flat.dtype != np.uint8 or side * side * len(table) != len(flat):
-            raise ValueError(f"expected uint8 square images, found {flat.dtype} x {len(flat)} values")
+        if flat.dtype != np.uint8 or side * side * len(table) != len(flat) or side != IMAGE_SIDE:
+            raise ValueError(f"expected uint8 images of {IMAGE_SIDE} x {IMAGE_SIDE}, found {len(table)} rows of "
+                             f"{len(flat) / max(len(table), 1):g} {flat.dtype} values")
+        if len(table) == 0:
+            raise ValueError("it holds no images")
         return flat.reshape(len(table), side, side), table.column("label").to_numpy().astype(np.int64)
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise UserError(f"{path} is not a samples file of this project ({first_line(exc)}): rerun `ddpm sample "

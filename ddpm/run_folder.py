@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ddpm.checkpoints import write_text
 from ddpm.config import Config, ConfigError, config_from_dict
+from ddpm.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class RunPaths:
         return self.checkpoints / f"epoch_{epoch:03d}.pt"
 
 
+# history.json grows epoch by epoch with the checkpoints, so a damaged one is remade by training again.
+HISTORY_REMAKE = "delete the run's unet/ folder and train again (`ddpm train --out RUN_DIR`)"
+
+
 def commit_config(cfg: Config, paths: RunPaths) -> None:
     """Record the config of a stage that succeeded (never before: a failed stage must not change the run)."""
     write_text(paths.config, cfg.to_json())
@@ -73,7 +78,13 @@ def read_config(paths: RunPaths) -> Config | None:
     """The run's saved config, or None for a new folder."""
     if not paths.config.is_file():
         return None
+    fix = "fix or delete it, or pass --profile"
     try:
-        return config_from_dict(json.loads(paths.config.read_text()))
+        tree = json.loads(paths.config.read_bytes())
+        if not isinstance(tree, dict):
+            raise ValueError(f"a {type(tree).__name__}, not a table of sections")
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{paths.config} holds a config this version refuses ({exc}): {fix}") from None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{paths.config} is unreadable ({exc}): fix or delete it, or pass --profile") from None
+        raise ConfigError(f"{paths.config} is unreadable ({first_line(exc)}): {fix}") from None

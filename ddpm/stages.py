@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.checkpoints import copy_file, write_json, write_text
+from ddpm.checkpoints import copy_file, read_json, write_json, write_text
 from ddpm.classifier import load_lenet, train_lenet
 from ddpm.config import Config, compare_sets
 from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
@@ -221,8 +221,8 @@ def sample_digit(cfg: Config, paths: RunPaths, digit: int, count: int = 64) -> P
         raise UserError(f"{paths.model} is unconditional: --digit needs a model trained with unet.num_classes=10")
     if not 0 <= digit < cfg.unet.num_classes:
         raise UserError(f"--digit {digit} must be in 0..{cfg.unet.num_classes - 1}")
-    if count < 1:
-        raise UserError(f"--count {count} must be >= 1")
+    if not 1 <= count <= 256:
+        raise UserError(f"--count {count} must be in 1..256 (the images of one grid)")
     images = run_sampler(model, diffusion, cfg, image_noise(cfg, 0, count), torch.full((count,), digit)).images
     return save_grid(images, paths.root / f"digit_{digit}.png", nrow=min(count, 8))
 
@@ -310,7 +310,8 @@ def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: 
     """The sets `ddpm sample` drew beside the main one (listed in sampling.json), each with the main set's images
     of the same seeds: FLD, FLD / train-vs-test, and digit shares. FLD grows as sets shrink, so only rows of
     the same size compare."""
-    drawn = json.loads(paths.sampling.read_text()).get("compare", []) if paths.sampling.exists() else []
+    drawn = read_json(paths.sampling, "rerun `ddpm sample --out RUN_DIR`").get("compare", []) \
+        if paths.sampling.exists() else []
     rows = []
     for entry in drawn:
         images, _ = read_samples(paths.compare_set(entry["name"]))

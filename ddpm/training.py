@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from ddpm.checkpoints import (
     CheckpointError,
     copy_file,
     load_checkpoint,
+    read_json,
     save_checkpoint,
     write_json,
 )
@@ -41,7 +41,7 @@ from ddpm.errors import UserError
 from ddpm.heap import retain_freed_memory
 from ddpm.models import build_unet
 from ddpm.progress import TrainingDisplay
-from ddpm.run_folder import RunPaths
+from ddpm.run_folder import HISTORY_REMAKE, RunPaths
 
 VAL_BATCH = 256  # validation batch per rank: large enough to be quick, small enough for any device
 
@@ -414,6 +414,9 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     device = device or resolve_device(cfg.train.device)
     state = load_training_state(paths)
     (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
+    if len(train_x) < cfg.train.batch_size:  # batches are whole, so an epoch would hold none
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train_x):,} training "
+                        "images: an epoch would hold no batch; lower train.batch_size")
     if state is not None:
         trained = checkpoint_config(state, paths.last_checkpoint)
         cfg = with_label_shares(cfg, trained.unet.label_shares)  # recorded when training began
@@ -437,7 +440,7 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     train_batches = TrainBatches(train_x, train_y, cfg.train.batch_size, cfg.train.seed, rank=rank,
                                  world_size=world, device=device, resident=cfg.train.resident_data)
     val_loader = make_loader(val_x, val_y, VAL_BATCH, shuffle=False, seed=0, rank=rank, world_size=world)
-    history = json.loads(paths.history.read_text()) if paths.history.exists() else []
+    history = read_json(paths.history, HISTORY_REMAKE, list, ("epoch",)) if paths.history.exists() else []
     history = [h for h in history if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
     show = progress and rank == 0
     total_steps = trainer.total_steps = cfg.train.epochs * len(train_batches)

@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ddpm.config import Config, ConfigError, load_config, parse_overrides, worker_range
+from ddpm.config import Config, ConfigError, flag_names, load_config, parse_overrides, worker_range
 from ddpm.errors import UserError
 
 
@@ -32,8 +32,16 @@ def _common(parser: argparse.ArgumentParser, needs_out: bool = True) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, whose refusals (a flag's value of the wrong type, a missing argument) are one line, exit 2,
+    like every other refusal, instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Denoising diffusion on MNIST, stage by stage.")
+    parser = OneLineParser(prog="ddpm", description="Denoising diffusion on MNIST, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="verify MNIST and write the Parquet dataset")
     _common(p)
@@ -72,12 +80,14 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
     overrides = parse_overrides(args.overrides)
     if getattr(args, "mirror", None):
         overrides["data.mirror"] = args.mirror
-    workers = getattr(args, "workers", None)
+    workers, flags = getattr(args, "workers", None), {}
     if workers is not None:
-        overrides["train.num_workers" if args.command == "train" else "sample.num_actors"] = workers
+        key = "train.num_workers" if args.command == "train" else "sample.num_actors"
+        overrides[key], flags[key] = workers, "--workers"
     paths = RunPaths(run_dir) if run_dir is not None else None
     base = read_config(paths) if paths is not None else None
-    cfg = load_config(args.profile, args.config_file, overrides, base=base)
+    with flag_names(flags):
+        cfg = load_config(args.profile, args.config_file, overrides, base=base)
     if paths is not None and args.command in ("train", "sample"):
         trained = trained_config(paths)
         if trained is not None:
@@ -130,13 +140,20 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The Prefect flow, embedded: no servers needed (ephemeral Prefect, local Ray, SQLite MLflow)."""
-    from flows.pipeline import mnist_ddpm
+    from flows.pipeline import mnist_ddpm, pipeline_config, resolve_runs_dir
+    from flows.preflight import check_services
+    from flows.tracking import tracking_uri
 
     overrides = parse_overrides(args.overrides)
     if args.mirror:
         overrides["data.mirror"] = args.mirror
-    load_config(args.profile, args.config_file, overrides)  # fail on a bad config before anything starts
+    # A bad value, flag or service address fails here, in one line, before the flow (and Prefect's log of the
+    # traceback) starts.
+    cfg = pipeline_config(args.profile, args.config_file, overrides, args.guidance)
     out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a run folder (new or existing)")
+    check_services(tracking_uri(cfg.tracking.mlflow_uri, resolve_runs_dir(cfg, str(out.parent) if out else None)))
     mnist_ddpm(profile=args.profile, overrides=overrides, config_file=args.config_file,
                run_name=out.name if out else None, runs_dir=str(out.parent) if out else None,
                guidance_scale=args.guidance, verbose=args.verbose)
@@ -153,7 +170,10 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or argparse's one-line refusal (2), returned like any other outcome
+        return exc.code if isinstance(exc.code, int) else 2
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

@@ -36,6 +36,7 @@ from ddpm.progress import TrainingDisplay
 from ddpm.run_folder import RunPaths
 from ddpm.training import EpochMetrics, NonFiniteLossError, fit, resolve_device, sampling_weights
 from flows import RAY_NODE_ENV
+from flows.preflight import check_ray_address
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -48,6 +49,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])  # ray.init would retry an address that is not there for minutes
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     # The dashboard also serves the State API that Ray Train's placement-group cleaner polls from inside the

@@ -24,13 +24,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ddpm import stages
-from ddpm.config import Config, compare_sets, load_config, sampler_spec
+from ddpm.config import Config, flag_names, load_config
 from ddpm.epoch_fld import selection
 from ddpm.errors import UserError
 from ddpm.locks import exclusive
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.run_folder import RunPaths, commit_config
-from flows.tracking import Tracker, TrackingLostError, check_promotion, check_reachable, masked, tracking_uri, ui_hint
+from flows.preflight import check_services
+from flows.tracking import Tracker, TrackingLostError, check_promotion, masked, tracking_uri, ui_hint
 
 
 class _RefusalsWithoutTraceback(logging.Filter):
@@ -237,6 +238,26 @@ def resolve_runs_dir(cfg: Config, runs_dir: str | None) -> Path:
     return Path(runs_dir or os.environ.get("MNIST_DDPM_RUNS_DIR") or cfg.runs_dir).resolve()
 
 
+def pipeline_config(profile: str | None, config_file: str | None, overrides: dict[str, str] | None,
+                    guidance_scale: float | None) -> Config:
+    """The flow's config: profile, file and overrides, with `guidance_scale` (the --guidance flag) as the keys it
+    stands for. The CLI calls this before the flow starts, so a bad value is one line, not a flow's traceback."""
+    overrides = dict(overrides or {})
+    if guidance_scale is not None:
+        overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
+    with flag_names({"sample.guidance_scale": "--guidance"} if guidance_scale is not None else {}):
+        cfg = load_config(profile, config_file, overrides)
+    if guidance_scale is not None and "sample.compare" not in overrides:
+        # The report sets the guided set beside the same model and sampler unguided: w = 0 (the unconditional
+        # branch) and w = 1 (the conditional network alone). These replace the profile's own sets, which would
+        # be drawn guided too, at two network calls a step: the cpu profile's DDPM-100 set took 4.3 minutes at
+        # w = 2, against 2.0 unguided (docs/results.md, "A conditional model, and guidance at full scale").
+        plain = [f"{cfg.sample.sampler}@{w}" for w in (0, 1) if w != cfg.sample.guidance_scale]
+        overrides["sample.compare"] = ",".join(plain)
+        cfg = load_config(profile, config_file, overrides)
+    return cfg
+
+
 @flow(name="mnist-ddpm", log_prints=True, persist_result=False)
 def mnist_ddpm(
     profile: str | None = None,
@@ -254,24 +275,13 @@ def mnist_ddpm(
     `verbose`: Ray Train's own INFO lines too."""
     from prefect.runtime import flow_run
 
-    overrides = dict(overrides or {})
-    if guidance_scale is not None:
-        overrides.update({"unet.num_classes": "10", "sample.guidance_scale": str(guidance_scale)})
-    cfg = load_config(profile, config_file, overrides)
-    if guidance_scale is not None and "sample.compare" not in overrides:
-        # The report sets the guided set beside the same model and sampler unguided: w = 0 (the unconditional
-        # branch) and w = 1 (the conditional network alone), where the profile does not list them already.
-        listed = compare_sets(cfg)
-        plain = [spec for w in (0, 1) if w != guidance_scale
-                 for spec in [f"{cfg.sample.sampler}@{w}"] if sampler_spec(cfg, spec, spec)[0] not in listed]
-        overrides["sample.compare"] = ",".join([*cfg.sample.compare, *plain])
-        cfg = load_config(profile, config_file, overrides)
+    cfg = pipeline_config(profile, config_file, overrides, guidance_scale)
     check_promotion(promotion)  # before any compute, not only when the register stage gets to it
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
     paths = RunPaths(runs / run_name)
     uri = tracking_uri(cfg.tracking.mlflow_uri, runs)
-    check_reachable(uri)
+    check_services(uri)  # every address in play, each within $DDPM_CONNECT_TIMEOUT_S
     # One pipeline per run folder: a second one with the same run name would overwrite the first's checkpoints.
     # The lock dies with its holder, so a killed run's rerun takes it at once.
     with exclusive(runs / f".{run_name}.lock", f"the run folder {paths.root}", wait=False):

@@ -15,8 +15,6 @@ import logging
 import os
 import re
 import tempfile
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,12 +24,14 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ddpm.checkpoints import write_json
 from ddpm.config import ConfigError
 from ddpm.errors import UserError, first_line
 from ddpm.locks import exclusive
+from flows.preflight import check_mlflow, masked
 
 UNET_MODEL = "mnist-ddpm-unet"
 LENET_MODEL = "mnist-lenet"
@@ -47,37 +47,9 @@ def tracking_uri(configured: str, runs_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve()}/mlflow.db"
 
 
-def _host(parts: urllib.parse.SplitResult) -> str:
-    """host[:port] of a URL, without the credentials its netloc may carry."""
-    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
-
-
-def masked(uri: str) -> str:
-    """The URI with its password replaced: what logs, params, artifacts and messages show."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.password:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{_host(parts)}"))
-
-
 def check_promotion(policy: str) -> None:
     if policy not in PROMOTION_POLICIES:
         raise ConfigError(f"promotion={policy!r}: use one of {', '.join(PROMOTION_POLICIES)}")
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """A tracking server that does not answer fails the run before any compute (MLflow's own client would
-    retry for minutes, mid-run). Local stores (sqlite, file) need no server."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    parts = urllib.parse.urlsplit(uri)
-    health = urllib.parse.urlunsplit(parts._replace(netloc=_host(parts), path=parts.path.rstrip("/") + "/health"))
-    try:
-        urllib.request.urlopen(health, timeout=timeout).close()
-    except (OSError, ValueError) as exc:
-        raise UserError(f"MLflow at {masked(uri)} does not answer ({getattr(exc, 'reason', exc)}): start it "
-                        "(make cluster-up) or point tracking.mlflow_uri / MLFLOW_TRACKING_URI at a running "
-                        "server; nothing was computed") from None
 
 
 def _store_lock(uri: str):
@@ -135,6 +107,8 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     return None
 
 
+# Each `predict` below says its input is a DataFrame: MLflow checks the hint as the class is defined, and without
+# one it prints a warning at every import (two lines before a refusal's one); a DataFrame hint adds no validation.
 class UNetSampler(mlflow.pyfunc.PythonModel):
     """The registered U-Net as an MLflow model: input rows carry a `seed` (and a `label` for conditional
     models); the output is one 784-pixel uint8 image per row. Weights load with weights_only=True."""
@@ -146,7 +120,7 @@ class UNetSampler(mlflow.pyfunc.PythonModel):
         self.model, self.cfg = load_model(Path(context.artifacts["model"]))
         self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import torch
 
         from ddpm.generate import run_sampler
@@ -170,7 +144,7 @@ class LeNetClassifier(mlflow.pyfunc.PythonModel):
 
         self.model, self.metrics = load_lenet(Path(context.artifacts["lenet"]))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import numpy as np
         import torch
 
@@ -271,7 +245,7 @@ class Tracker:
     def server_gone(self) -> bool:
         """A tracking server that no longer answers its health check (a local store never goes away)."""
         try:
-            check_reachable(self.uri)
+            check_mlflow(self.uri)
         except UserError:
             return True
         return False
