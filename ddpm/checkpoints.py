@@ -78,7 +78,13 @@ def copy_file(source: Path, target: Path) -> Path:
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     if "kind" not in state:
         raise ValueError("a checkpoint needs a `kind` field")
-    return write_atomically(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        # Through a file object, so the zip's top folder is torch's fixed "archive", not the temporary file's
+        # random name: the same state gives the same bytes, whichever write made them.
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+
+    return write_atomically(path, write)
 
 
 def load_checkpoint(path: Path, kinds: tuple[str, ...], missing_hint: str) -> dict[str, Any]:

@@ -164,6 +164,16 @@ def test_checkpoint_errors(tmp_path):
         load_model(lenet)
 
 
+def test_the_same_state_saves_to_the_same_bytes(tmp_path):
+    """Each save goes through a temporary file with a random name; the checkpoint's bytes must not carry it."""
+    from ddpm.checkpoints import save_checkpoint
+
+    state = {"kind": UNET, "model": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {}, "epoch": 1}
+    first, second = save_checkpoint(state, tmp_path / "a.pt"), save_checkpoint(state, tmp_path / "b" / "a.pt")
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(load_checkpoint(first, (UNET,), "")["model"]["w"], state["model"]["w"])
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("arbitrary code ran",))
