@@ -312,7 +312,6 @@ def check_schema(cfg: Config) -> None:
             _check(problem is None, f"{key}={_show(value)} {problem}" if v is value else
                    f"{key}={_show(value)}: each value {problem}")
         _check(choices is None or value in choices, f"{key}={value!r}: use one of {', '.join(choices or ())}")
-        _check(not isinstance(value, float) or math.isfinite(value), f"{key}={value} must be a finite number")
 
 
 def _show(value: Any) -> str:
@@ -685,7 +684,7 @@ def epoch_fld_config(cfg: Config) -> Config:
     spec = cfg.train.epoch_fld_sampler
     # Without "@w" a conditional model is scored by itself (w = 1), whatever the run samples with: guidance
     # hides how far the network has trained (epochs 1-8 of a w = 2 run all scored 14-17, so the first was
-    # exported) and costs two network calls a step (docs/results.md, "Guided at full scale").
+    # exported) and costs two network calls a step (docs/results.md, "A conditional model, and guidance at full scale").
     if "@" not in spec and cfg.unet.num_classes > 0:
         spec += "@1"
     _, sample = sampler_spec(cfg, spec, "train.epoch_fld_sampler")
