@@ -179,7 +179,7 @@ def bench(device: torch.device, tiny: bool, repeats: int) -> dict:
 
     def ours(sampler: str, guided: bool = False) -> Callable[[], None]:
         c = load_config("smoke" if tiny else "gpu", overrides={
-            "sample.sampler": sampler, "sample.ddim_steps": steps, "unet.num_classes": 10 if guided else 0,
+            "sample.sampler": sampler, "sample.steps": steps, "unet.num_classes": 10 if guided else 0,
             "sample.guidance_scale": 2.0 if guided else 1.0})
         labels = torch.arange(n) % 10 if guided else None
         return lambda: run_sampler(guided_model if guided else model, diffusion, c,

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ddpm.batches import TrainBatches
 from ddpm.config import load_config
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.generate import draw_images
 from ddpm.models import build_unet
-from ddpm.training import DiffusionTrainer, TrainBatches
+from ddpm.training import DiffusionTrainer
 
 # Training variants: name -> train.* overrides on top of the plain path.
 PLAIN = {"train.resident_data": "false", "train.check_every": "1", "train.fused_optimizer": "false",
@@ -105,7 +106,7 @@ def time_sampling(device: torch.device, n: int, batch: int, compile_modes: list[
     for sampler, steps in (("ddpm", cfg0.diffusion.timesteps), ("ddim", 5 if tiny else 20)):
         # Compiled only with device noise: a compiled network fed by per-image CPU draws would still wait on them.
         for noise, mode in [("generator", "off"), ("philox", "off"), *(("philox", m) for m in compile_modes)]:
-            cfg = load_config(base, overrides={"sample.sampler": sampler, "sample.ddim_steps": str(steps),
+            cfg = load_config(base, overrides={"sample.sampler": sampler, "sample.steps": str(steps),
                                                "sample.noise": noise, "sample.batch_size": str(batch)})
             net = model if mode == "off" else torch.compile(model, mode=mode)
             _sync(device)

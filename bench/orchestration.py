@@ -37,7 +37,7 @@ _RAY_TRAIN = """
 import sys, time
 from pathlib import Path
 from ddpm.config import load_config
-from ddpm.run_folder import RunPaths
+from ddpm.pipeline.run_folder import RunPaths
 from flows.distributed import shutdown_ray, train_with_ray
 cfg = load_config(sys.argv[1], None, sys.argv[3:])
 start = time.perf_counter()
@@ -114,9 +114,9 @@ def one(way: str, args: argparse.Namespace, base: Path, runs: Path, env: dict[st
 _PREPARE = """
 import sys
 from pathlib import Path
-from ddpm import stages
+from ddpm.pipeline import stages
 from ddpm.config import load_config
-from ddpm.run_folder import RunPaths, commit_config
+from ddpm.pipeline.run_folder import RunPaths, commit_config
 cfg = load_config(sys.argv[1], None, ["data.mirror=" + sys.argv[4], *sys.argv[5:]])
 paths, cache = RunPaths(Path(sys.argv[2])), Path(sys.argv[3])
 stages.prepare_data(cfg, paths, cache=cache, progress=False)

@@ -1,4 +1,4 @@
-"""Files that must never be half-written, and checkpoints that must never run code.
+"""Files that must never be half-written, and checkpoints that must never run code; the trained U-Net read back.
 
 Every file a stage leaves in a run folder is written here: to a temporary name beside it, then renamed, so a
 crash leaves the old file or the new one, never a truncated one. Checkpoints are plain dicts of tensors and
@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ddpm.config import Config, config_from_dict
 from ddpm.errors import UserError, first_line
+from ddpm.models import build_unet
 
 TRAINING_STATE = "mnist-ddpm-unet-checkpoint"  # unet/checkpoints/*.pt: weights, EMA, optimizer, counters
 UNET = "mnist-ddpm-unet"  # unet/model.pt: the sampling weights and the config that builds them
@@ -50,25 +53,6 @@ def write_text(path: Path, text: str) -> Path:
 
 def write_json(path: Path, payload: Any) -> Path:
     return write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def read_json(path: Path, remake: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
-    """A JSON file a stage wrote: a `kind` (dict, or list of dicts) whose dicts hold `keys`. Missing, damaged
-    (truncated, empty, not UTF-8) or of another shape, it is refused in one line naming the file and `remake`,
-    the command that writes it again."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_bytes())  # json detects UTF-8/16/32 by itself
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: {remake}") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is damaged ({first_line(exc)}): {remake}") from None
-    items = value if kind is list and isinstance(value, list) else [value]
-    if not isinstance(value, kind) or not all(isinstance(i, dict) and all(k in i for k in keys) for i in items):
-        shape = f"{kind.__name__}{' of objects' if kind is list else ''} with {', '.join(keys)}" if keys else \
-            kind.__name__
-        raise UserError(f"{path} is not what this project writes there (expected a {shape}): {remake}")
-    return value
 
 
 def copy_file(source: Path, target: Path) -> Path:
@@ -103,3 +87,37 @@ def load_checkpoint(path: Path, kinds: tuple[str, ...], missing_hint: str) -> di
             f"{path} is not a {' or '.join(kinds)} file (kind: {kind!r}): point at the file the stage wrote"
         )
     return state
+
+
+def checkpoint_config(state: dict[str, Any], path) -> Config:
+    """The config saved in a checkpoint; an unusable one is reported with the checkpoint's name."""
+    try:
+        return config_from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no usable config ({exc}): retrain, or delete the file") from None
+
+
+def sampling_weights(state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """From a training state, what sampling needs: the sampling weights (EMA where kept) and the config, as a
+    `model.pt`-kind checkpoint; `extra` adds fields (e.g. why this epoch was chosen)."""
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    return {"kind": UNET, "config": state["config"], "model": weights, "epoch": state["epoch"],
+            "step": state["step"], **extra}
+
+
+def load_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """Rebuild a trained U-Net (eval mode) and the config it was trained with, from `model.pt`."""
+    state = load_checkpoint(path, (UNET,), "train a model first with `ddpm train --out RUN_DIR`")
+    return model_from_weights(state, path, device)
+
+
+def model_from_weights(state: dict[str, Any], path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """The U-Net (eval mode) and its config from a `model.pt`-kind state (`sampling_weights`) read from `path`."""
+    cfg = checkpoint_config(state, path)
+    model = build_unet(cfg.unet, cfg.diffusion.timesteps)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not match the config saved with them ({str(exc)[:120]}...); "
+                        "retrain this run") from None
+    return model.to(device).eval(), cfg

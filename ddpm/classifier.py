@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddpm.batches import make_loader
 from ddpm.checkpoints import LENET, CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.config import ClassifierConfig
 from ddpm.data import load_split
 from ddpm.errors import UserError
 from ddpm.models import LeNet5
-from ddpm.training import make_loader
 
 
 class AccuracyTooLowError(UserError):

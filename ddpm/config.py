@@ -12,32 +12,14 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddpm.errors import UserError, first_line
-
-# The choices each string key allows; the modules that act on them import these.
-BLOCKS = ("resblock", "convembed")
-INITS = ("default", "flux")
-SCHEDULES = ("cosine", "linear")
-LOSSES = ("mse", "l1")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
-EXPORTS = ("best", "last")
-SCORING_PLACES = ("auto", "task", "worker")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-NOISES = ("generator", "philox")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value, file or override that cannot be used; the message says which and how to fix it."""
+from ddpm.errors import first_line
+from ddpm.schema import ConfigError, validate
 
 
 @dataclass
@@ -152,7 +134,9 @@ class SampleConfig:
     num_samples: int = 10_000
     # "ddpm" (all T steps) | "ddim" | "dpm++2m" (DPM-Solver++(2M)) | "dpm++2m-sde" (its stochastic form)
     sampler: str = "ddpm"
-    ddim_steps: int = 50  # steps of the few-step samplers: ddim, dpm++2m, dpm++2m-sde
+    # Network evaluations per image of the few-step samplers (ddim, dpm++2m, dpm++2m-sde); ddpm takes all T.
+    # Called sample.ddim_steps before it named every few-step sampler's count: that name is still read.
+    steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0  # w in eps_u + w (eps_c - eps_u); used by conditional models
     batch_size: int = 500  # fixed batches make images independent of how many actors share them
@@ -213,111 +197,6 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """The values a numeric key (or each element of a numeric tuple) may take: [low, high], either end open."""
-
-    low: float
-    high: float = math.inf
-    why: str = ""  # shown when a value passes `high`: what the bound protects
-    means: str = ""  # shown with any refusal: what the values mean
-    open_low: bool = False
-    open_high: bool = False
-
-    def problem(self, value: float) -> str | None:
-        """What is wrong with `value`, or None."""
-        means = f" ({self.means})" if self.means else ""
-        if not math.isfinite(value):
-            return "must be a finite number" + means
-        if value < self.low or (self.open_low and value == self.low):
-            return f"must be {'>' if self.open_low else '>='} {self.low:g}" + means
-        if value > self.high or (self.open_high and value == self.high):
-            return f"must be {'<' if self.open_high else '<='} {self.high:g}" + (f" ({self.why})" if self.why else "")
-        return None
-
-
-SEED = Bounds(0, 2**32 - 1, "seeds are unsigned 32-bit")
-MNIST_TRAIN = 60_000  # images in MNIST's training file, before the validation split
-MEMORY = "one batch's activations are held at once: a larger one only risks running out of memory"
-# Every int and float key's bounds: the schema the config is validated against and the tests derive their bad
-# values from (tests/test_schema.py fails for a numeric key added without bounds). Rules between keys (a
-# batch per worker, steps within the schedule) are in `validate`.
-BOUNDS: dict[str, Bounds] = {
-    "data.val_fraction": Bounds(0, 1, open_low=True, open_high=True),
-    "data.split_seed": SEED,
-    "unet.in_channels": Bounds(1, 1, "MNIST images have one channel"),
-    "unet.image_size": Bounds(28, 28, "MNIST images are 28 x 28"),
-    "unet.base_channels": Bounds(1, 1024, "wider networks do not fit a 28 x 28 task's memory or time"),
-    "unet.channel_multipliers": Bounds(1, 64, "a level's width is base_channels times this"),
-    "unet.blocks_per_level": Bounds(1, 16, "deeper levels do not fit a 28 x 28 task's memory or time"),
-    "unet.groups": Bounds(1, 1024, "GroupNorm groups cannot outnumber the channels"),
-    "unet.heads": Bounds(1, 1024, "attention heads cannot outnumber the channels"),
-    "unet.num_classes": Bounds(0, 10, "MNIST has 10 digits", means="0: unconditional, 10: digit-conditional"),
-    "unet.label_shares": Bounds(0, 1),
-    "diffusion.timesteps": Bounds(2, 10_000, "every DDPM image takes one network call per step"),
-    "diffusion.cosine_s": Bounds(0, 1, open_high=True),
-    "diffusion.beta_start": Bounds(0, 1, open_low=True, open_high=True),
-    "diffusion.beta_end": Bounds(0, 1, open_low=True, open_high=True),
-    "train.epochs": Bounds(1, 10_000, "an epoch over MNIST is 1,700 steps at batch 32"),
-    "train.batch_size": Bounds(1, MNIST_TRAIN, "no more images than MNIST's training set"),
-    # No upper bound: a rate that diverges is stopped at its first non-finite loss, naming the step and the fix.
-    "train.lr": Bounds(0, open_low=True),
-    "train.warmup_steps": Bounds(0, 100_000_000, means="0: no warm-up"),
-    "train.snr_gamma": Bounds(0, means="0: every timestep weighted alike; Hang et al. use 5"),
-    "train.weight_decay": Bounds(0, 1),
-    "train.grad_clip": Bounds(0),
-    "train.ema_decay": Bounds(0, 1, open_high=True, means="0 disables EMA"),
-    "train.p_uncond": Bounds(0, 1, open_high=True),
-    "train.seed": SEED,
-    "train.check_every": Bounds(1, 1_000_000),
-    "train.max_train_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
-    "train.max_val_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
-    "train.micro_batch": Bounds(0, MNIST_TRAIN, MEMORY, means="0: no limit"),
-    "train.max_failures": Bounds(0, 1_000),
-    "train.epoch_fld_samples": Bounds(0, 10_000, "each epoch's score draws these between epochs", means="0: off"),
-    "classifier.epochs": Bounds(1, 1_000),
-    "classifier.batch_size": Bounds(1, MNIST_TRAIN, "no more images than MNIST's training set"),
-    "classifier.lr": Bounds(0, open_low=True),
-    "classifier.seed": SEED,
-    "classifier.min_accuracy": Bounds(0, 1, open_low=True),
-    "classifier.max_train_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
-    "sample.num_samples": Bounds(1, 1_000_000, "a million images take hours on a GPU, days on a CPU"),
-    "sample.ddim_steps": Bounds(1, 10_000, "no more than diffusion.timesteps"),
-    "sample.eta": Bounds(0, 1, "0 is DDIM, 1 DDPM's variance; above it the step's noise is undefined"),
-    "sample.guidance_scale": Bounds(0, 100, "scales past a few only over-sharpen",
-                                     means="0: unconditional, 1: conditional, > 1: guided"),
-    "sample.batch_size": Bounds(1, 20_000, MEMORY),
-    "sample.seed": SEED,
-    "sample.num_actors": Bounds(1, 1_024),
-    "sample.animation_images": Bounds(1, 256, "the animation is a grid of these"),
-    "sample.compare_samples": Bounds(1, 1_000_000, "a million images take hours on a GPU, days on a CPU"),
-    "eval.batch_size": Bounds(1, 20_000, MEMORY),
-    "eval.max_reference_images": Bounds(0, 10_000, "MNIST's test set holds 10,000"),
-}
-# Every str key with a fixed set of values (the free-form ones, paths, URIs and specs, are parsed in `validate`).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "unet.block": BLOCKS, "unet.init": INITS, "diffusion.schedule": SCHEDULES, "diffusion.loss": LOSSES,
-    "train.lr_schedule": LR_SCHEDULES, "train.device": DEVICES, "train.use_gpu": ("auto", "true", "false"),
-    "train.compile": COMPILE_MODES, "train.epoch_fld_where": SCORING_PLACES, "train.export": EXPORTS,
-    "sample.sampler": SAMPLERS, "sample.noise": NOISES, "sample.compile": COMPILE_MODES,
-}
-
-
-def check_schema(cfg: Config) -> None:
-    """Each key against its own bounds or choices (`BOUNDS`, `CHOICES`), one message naming the key."""
-    for key, value in cfg.flat().items():
-        bounds, choices = BOUNDS.get(key), CHOICES.get(key)
-        for v in (value if isinstance(value, tuple) else (value,)) if bounds else ():
-            problem = bounds.problem(v)
-            _check(problem is None, f"{key}={_show(value)} {problem}" if v is value else
-                   f"{key}={_show(value)}: each value {problem}")
-        _check(choices is None or value in choices, f"{key}={value!r}: use one of {', '.join(choices or ())}")
-
-
-def _show(value: Any) -> str:
-    return str(tuple(value)) if isinstance(value, tuple) else f"{value}"
-
-
 # Profiles are overrides on the defaults above (the reference network, T=100, batch 32, AdamW 1e-3, EMA).
 PROFILES: dict[str, dict[str, Any]] = {
     # The original recipe exactly (DenoisingDiffusion.jl): Flux's initialisation, no EMA, Adam 1e-3 without
@@ -354,7 +233,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # About 8 s of the 2 cores per epoch, between epochs.
         "train.epoch_fld_samples": 500,
         "sample.sampler": "dpm++2m-sde",
-        "sample.ddim_steps": 25,
+        "sample.steps": 25,
         "sample.batch_size": 250,  # 1,300 image-steps/s here against about 800 at 500 (measured)
         # On the first 2,000 seeds: 100-step DDPM (about 2 minutes here; 10,000 would take 10), and the same
         # sampler at guidance 0, the model's unconditional branch (half a minute).
@@ -379,7 +258,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "classifier.max_train_images": 5_000,
         "classifier.min_accuracy": 0.8,
         "sample.num_samples": 64,
-        "sample.ddim_steps": 10,
+        "sample.steps": 10,
         "sample.batch_size": 16,
         "sample.animation_images": 4,
         "sample.compare": ("ddim:5",),
@@ -428,7 +307,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+# Keys renamed since configs were first written, old -> new: config files, --set and the configs saved in run
+# folders and checkpoints may still use the old name.
+RENAMED_KEYS = {"sample.ddim_steps": "sample.steps"}
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
+    key = RENAMED_KEYS.get(key, key)
     parts = key.split(".")
     target: Any = cfg
     for part in parts[:-1]:
@@ -561,135 +446,6 @@ def default_profile() -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return "cpu"
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def check_unet(u: UNetConfig) -> None:
-    """Architecture rules, the only copy: the U-Net's constructor calls this too."""
-    _check(u.block in BLOCKS, f"unet.block={u.block!r}: use one of {', '.join(map(repr, BLOCKS))}")
-    _check(u.init in INITS, f"unet.init={u.init!r}: use one of {', '.join(map(repr, INITS))}")
-    for key in ("in_channels", "base_channels", "blocks_per_level", "groups", "heads"):
-        _at_least(u, "unet", key, 1)
-    _check(u.num_classes >= 0, f"unet.num_classes={u.num_classes} must be >= 0 (0 = unconditional)")
-    _check(not u.label_shares or (len(u.label_shares) == u.num_classes and sum(u.label_shares) > 0
-                                  and all(math.isfinite(p) and p >= 0 for p in u.label_shares)),
-           f"unet.label_shares={tuple(u.label_shares)} must be empty (training records the data's) or "
-           f"unet.num_classes={u.num_classes} finite shares >= 0 with a positive sum")
-    _check(len(u.channel_multipliers) >= 1, "unet.channel_multipliers needs at least one level, e.g. (1, 2)")
-    _check(all(m >= 1 for m in u.channel_multipliers),
-           f"unet.channel_multipliers={tuple(u.channel_multipliers)} must all be >= 1")
-    d, g = u.base_channels, u.groups
-    # Every width is d * multiplier, so this one check covers the GroupNorm of every level.
-    _check(d % g == 0, f"unet.base_channels={d} is not divisible by unet.groups={g}: "
-                       f"choose a multiple of {g} or change unet.groups")
-    middle = d * u.channel_multipliers[-1]
-    _check(not u.middle_attention or middle % u.heads == 0,
-           f"unet.heads={u.heads} does not divide the middle channels unet.base_channels * "
-           f"unet.channel_multipliers[-1] = {middle}: choose unet.heads dividing {middle} "
-           "or set unet.middle_attention=false")
-    factor = 2 ** (len(u.channel_multipliers) - 1)
-    _check(u.image_size >= factor and u.image_size % factor == 0,
-           f"unet.image_size={u.image_size} is not divisible by 2^(levels-1) = {factor} with "
-           f"{len(u.channel_multipliers)} unet.channel_multipliers: use fewer levels or a multiple of {factor}")
-
-
-def _at_least(section: Any, name: str, key: str, bound: int | float) -> None:
-    value = getattr(section, key)
-    _check(value >= bound, f"{name}.{key}={value} must be >= {bound}")
-
-
-def validate(cfg: Config) -> None:
-    """Every rule a config must meet, each checked once and reported with its key and the fix: each key's own
-    bounds or choices (`check_schema`), then the architecture and the rules between keys."""
-    check_schema(cfg)
-    u, d, t, s = cfg.unet, cfg.diffusion, cfg.train, cfg.sample
-    check_unet(u)
-    _check(u.num_classes in (0, 10), f"unet.num_classes={u.num_classes} must be 0 (unconditional) or 10 "
-                                     "(MNIST's digits)")
-    _check(d.beta_start < d.beta_end,
-           f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} need beta_start < beta_end")
-    _, most = worker_range(t)
-    _check(t.batch_size >= most,
-           f"train.batch_size={t.batch_size} is the global batch, split across up to {most} workers "
-           f"(train.num_workers={t.num_workers!r}): it needs at least one image per worker")
-    _check(not t.max_train_images or t.batch_size <= t.max_train_images,
-           f"train.batch_size={t.batch_size} is larger than train.max_train_images={t.max_train_images}: an "
-           "epoch would hold no batch; lower the batch or raise the images")
-    _check(not cfg.classifier.max_train_images or cfg.classifier.batch_size <= cfg.classifier.max_train_images,
-           f"classifier.batch_size={cfg.classifier.batch_size} is larger than classifier.max_train_images="
-           f"{cfg.classifier.max_train_images}: an epoch would hold no batch")
-    _check(t.epoch_fld_samples == 0 or t.epoch_fld_samples >= 2,
-           f"train.epoch_fld_samples={t.epoch_fld_samples} must be 0 (off) or >= 2 (a covariance needs two images)")
-    epoch_fld_config(cfg)
-    _check(t.export != "best" or t.epoch_fld_samples > 0,
-           "train.export='best' picks the epoch with the lowest epoch FLD, which train.epoch_fld_samples=0 turns "
-           "off: set train.export=last, or train.epoch_fld_samples > 0")
-    _check(s.ddim_steps <= d.timesteps,
-           f"sample.ddim_steps={s.ddim_steps} must be in [1, diffusion.timesteps={d.timesteps}]")
-    compare_sets(cfg)
-
-
-_COMPARE_SPEC = re.compile(r"^(?P<sampler>[a-z0-9+-]+?)(?::(?P<steps>\d+))?(?:@(?P<guidance>[0-9.]+))?$")
-
-
-def worker_range(t: TrainConfig) -> tuple[int, int]:
-    """`train.num_workers` as (fewest, most): "2" -> (2, 2), "1-4" -> (1, 4)."""
-    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(t.num_workers))
-    _check(found is not None, f"train.num_workers={t.num_workers!r}: write a count (2) or an elastic range "
-                              "MIN-MAX (1-4)")
-    low, high = int(found[1]), int(found[2] or found[1])
-    _check(1 <= low <= high, f"train.num_workers={t.num_workers!r}: need 1 <= MIN <= MAX")
-    return low, high
-
-
-def sampler_spec(cfg: Config, spec: str, key: str) -> tuple[str, SampleConfig]:
-    """A "sampler[:steps][@guidance]" spec as (name, `cfg.sample` with that sampler, step count and guidance).
-    Names ("dpmpp2m-sde-25", "ddim-20-w0") are file and MLflow-metric safe."""
-    s = cfg.sample
-    found = _COMPARE_SPEC.match(spec)
-    _check(found is not None, f"{key} {spec!r}: write sampler[:steps][@guidance], e.g. 'ddpm', 'ddim:20' or "
-                              "'dpm++2m-sde:25@0'")
-    sampler, steps, guidance = found["sampler"], found["steps"], found["guidance"]
-    _check(sampler in SAMPLERS, f"{key} {spec!r}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    _check(not (sampler == "ddpm" and steps), f"{key} {spec!r}: ddpm takes all diffusion.timesteps steps; "
-                                              "drop ':steps'")
-    n = cfg.diffusion.timesteps if sampler == "ddpm" else int(steps or s.ddim_steps)
-    _check(1 <= n <= cfg.diffusion.timesteps, f"{key} {spec!r}: steps must be in [1, "
-                                              f"diffusion.timesteps={cfg.diffusion.timesteps}]")
-    name = f"{sampler.replace('+', 'p')}-{n}" + (f"-w{float(guidance):g}" if guidance is not None else "")
-    return name, dataclasses.replace(
-        s, sampler=sampler, ddim_steps=n if sampler != "ddpm" else s.ddim_steps, compare=(),
-        guidance_scale=float(guidance) if guidance is not None else s.guidance_scale)
-
-
-def compare_sets(cfg: Config) -> dict[str, SampleConfig]:
-    """`sample.compare` as {set name: its sample config}: the main set's seeds, batches and labels, another
-    sampler, step count or guidance, `compare_samples` images."""
-    sets = {}
-    for spec in cfg.sample.compare:
-        name, sample = sampler_spec(cfg, spec, "sample.compare entry")
-        _check(name not in sets, f"sample.compare lists {spec!r} twice")
-        # The main set's first seeds, at most all of them.
-        sets[name] = dataclasses.replace(sample, num_samples=min(cfg.sample.compare_samples, cfg.sample.num_samples))
-    return sets
-
-
-def epoch_fld_config(cfg: Config) -> Config:
-    """The config that draws each epoch's FLD set: `train.epoch_fld_sampler` on the first
-    `train.epoch_fld_samples` seeds of `sample.seed`, in batches of at most `sample.batch_size`."""
-    spec = cfg.train.epoch_fld_sampler
-    # Without "@w" a conditional model is scored by itself (w = 1), whatever the run samples with: guidance
-    # hides how far the network has trained (epochs 1-8 of a w = 2 run all scored 14-17, so the first was
-    # exported) and costs two network calls a step (docs/results.md, "A conditional model, and guidance at full scale").
-    if "@" not in spec and cfg.unet.num_classes > 0:
-        spec += "@1"
-    _, sample = sampler_spec(cfg, spec, "train.epoch_fld_sampler")
-    return dataclasses.replace(cfg, sample=dataclasses.replace(
-        sample, num_samples=max(cfg.train.epoch_fld_samples, 1), bf16=False, num_actors=1))
 
 
 # What a trained U-Net fixes: its architecture and the diffusion it learned to reverse.

@@ -14,7 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ddpm.config import LOSSES, SCHEDULES, DiffusionConfig
+from ddpm.config import DiffusionConfig
+from ddpm.schema import LOSSES, SCHEDULES
 
 MAX_BETA = 0.999  # Nichol & Dhariwal clamp: the cosine schedule's last beta is ~1 and would make x_T singular
 

@@ -78,7 +78,7 @@ def _save_figure(plt, fig, path: Path) -> Path:
 
 def plot_loss_curves(history: list[dict[str, Any]], path: Path, best: int | None = None) -> Path:
     """Train and validation loss per epoch; with epoch FLDs, a second panel shows them, and marks `best` (the
-    epoch `ddpm.epoch_fld.finish_training` found best)."""
+    epoch `ddpm.pipeline.epoch_fld.finish_training` found best)."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     scored = [h for h in history if h.get("fld") is not None]

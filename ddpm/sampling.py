@@ -1,4 +1,8 @@
-"""Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++) and classifier-free guidance.
+"""The reverse process: one loop that runs any registered sampler (`ddpm.samplers`), with classifier-free guidance.
+
+`sample` owns what every sampler shares: the network call (with guidance), the x0 estimate and its clipping,
+the per-image noise, the frames of the reverse animation and the progress bar. Each step in between is the
+sampler's own maths (`ddpm.samplers.ddpm`, `.ddim`, `.dpm_solver`).
 
 Reproducibility contract: every random draw for an image comes from that image's seed (base seed, global image
 index; `ddpm.noise`), so an image depends only on its seed (and label), not on the batch it was sampled in or on
@@ -7,7 +11,6 @@ how many workers shared the job. The samplers take any noise source with `randn(
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.noise import PerImageNoise, PhiloxNoise
+from ddpm.samplers import SAMPLERS
 
 Noise = PerImageNoise | PhiloxNoise
 
@@ -106,54 +110,22 @@ def _prepare(model, diffusion, noise, labels):
     return device, diffusion.to(device), labels
 
 
-def ddpm_sample(
-    model: torch.nn.Module,
-    diffusion: GaussianDiffusion,
-    noise: Noise,
-    *,
-    labels: torch.Tensor | None = None,
-    null_label: int | None = None,
-    guidance_scale: float = 1.0,
-    clip_x0: bool = True,
-    keep_every: int = 0,
-    progress: bool = False,
-) -> SampleResult:
-    """Ancestral sampling (Ho et al.): x_{t-1} ~ q(x_{t-1} | x_t, x0_hat), over all T steps.
-
-    x0_hat comes from the predicted noise and is clipped to the data range [-1, 1] when clip_x0, which keeps
-    early, poor predictions from throwing the chain off. The last step (t = 0) adds no noise.
-    """
-    device, diffusion, labels = _prepare(model, diffusion, noise, labels)
-    T = diffusion.num_timesteps
-    frames = _Frames(keep_every, T)
-    with torch.inference_mode(), _EvalMode(model):
-        x = noise.randn(device)
-        for step, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
-            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
-            x0 = diffusion.predict_x0(x, tt, eps)
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-            mean, var = diffusion.q_posterior(x0, x, tt)
-            x = mean + var.sqrt() * noise.randn(device) if t > 0 else mean
-            frames(step, t, x, x0)
-    return frames.result(x)
-
-
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` evenly spaced timesteps from T-1 down to 0 (both ends when steps >= 2; [T-1] for steps = 1)."""
+    """`steps` evenly spaced timesteps from T-1 down to 0 (both ends when steps >= 2; [T-1] for steps = 1); with
+    steps = T, every timestep."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps={steps} must be in [1, {num_timesteps}]")
     # Spacing (T-1)/(steps-1) >= 1, so rounding keeps them distinct; starting at T-1 matches x_T ~ N(0, I).
     return [int(t) for t in np.round(np.linspace(num_timesteps - 1, 0, steps))]
 
 
-def ddim_sample(
+def sample(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
     noise: Noise,
     *,
-    steps: int,
+    sampler: str = "ddpm",
+    steps: int | None = None,
     eta: float = 0.0,
     labels: torch.Tensor | None = None,
     null_label: int | None = None,
@@ -162,101 +134,33 @@ def ddim_sample(
     keep_every: int = 0,
     progress: bool = False,
 ) -> SampleResult:
-    """DDIM (Song et al. 2021) over `ddim_timesteps(T, steps)`.
+    """Run `sampler` (a name in `ddpm.samplers.SAMPLERS`) from x_T = the first draw of `noise` to the data, over
+    `ddim_timesteps(T, steps)` (all T for DDPM, which takes no `steps`).
 
-    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev), with ab_prev = 1 after the last step.
-    eta = 0 is deterministic given x_T; eta = 1 with steps = T is exactly DDPM ancestral sampling.
-    When x0 is clipped, eps is recomputed from the clipped x0 (as guided-diffusion does) so the two agree.
-    Noise is drawn only on steps with sigma > 0.
+    At each timestep t: eps from the network (guided, `guided_eps`), x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+    clipped to the data range [-1, 1] when clip_x0 (which keeps early, poor estimates from throwing the chain off)
+    and eps recomputed from the clipped x0 (as guided-diffusion does) so the two agree; then the sampler's step.
     """
+    chosen = SAMPLERS[sampler]
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0")
+    if not chosen.all_steps and steps is None:
+        raise ValueError(f"the {sampler} sampler needs a number of steps")
     device, diffusion, labels = _prepare(model, diffusion, noise, labels)
-    seq = ddim_timesteps(diffusion.num_timesteps, steps)
-    ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
+    seq = ddim_timesteps(diffusion.num_timesteps, diffusion.num_timesteps if chosen.all_steps else steps)
+    options = {"eta": eta} if "eta" in chosen.options else {}
     frames = _Frames(keep_every, len(seq))
+    state: dict = {}
     with torch.inference_mode(), _EvalMode(model):
         x = noise.randn(device)
-        for step, t in enumerate(tqdm(seq, desc="DDIM", disable=not progress, leave=False)):
-            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
-            x0 = diffusion.predict_x0(x, tt, eps)
+        for i, t in enumerate(tqdm(seq, desc=chosen.title, disable=not progress, leave=False)):
+            t_batch = torch.full((len(x),), t, device=device, dtype=torch.long)
+            eps = guided_eps(model, x, t_batch, labels, guidance_scale, null_label)
+            x0 = diffusion.predict_x0(x, t_batch, eps)
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = diffusion.predict_eps(x, tt, x0)
-            a = float(ab[t])
-            a_prev = float(ab[seq[step + 1]]) if step + 1 < len(seq) else 1.0
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-            x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
-            if sigma > 0:
-                x = x + sigma * noise.randn(device)
-            frames(step, t, x, x0)
-    return frames.result(x)
-
-
-def _log_snr(ab: float) -> float:
-    """lambda = log(alpha / sigma) for alpha = sqrt(ab), sigma = sqrt(1 - ab)."""
-    return 0.5 * (math.log(ab) - math.log1p(-ab))
-
-
-def dpm_solver_sample(
-    model: torch.nn.Module,
-    diffusion: GaussianDiffusion,
-    noise: Noise,
-    *,
-    steps: int,
-    labels: torch.Tensor | None = None,
-    null_label: int | None = None,
-    guidance_scale: float = 1.0,
-    clip_x0: bool = True,
-    keep_every: int = 0,
-    progress: bool = False,
-    stochastic: bool = False,
-) -> SampleResult:
-    """DPM-Solver++(2M) (Lu et al. 2022): the multistep second-order solver of the probability-flow ODE in
-    data-prediction form, over t_0 > ... > t_{M-1} = `ddim_timesteps(T, steps)` and then t_M = the clean data.
-
-    With alpha_i = sqrt(ab_i), sigma_i = sqrt(1 - ab_i), lambda_i = log(alpha_i / sigma_i), h_i = lambda_i -
-    lambda_{i-1} and x0_i the data prediction at t_i (clipped to [-1, 1] when clip_x0), step i = 1..M is
-        x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i,
-        D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i    (2nd order),
-        D_i = x0_{i-1}                                                  (1st order: i = 1 and i = M).
-    The last step goes to alpha_M = 1, sigma_M = 0 (lambda_M = inf): first order, it yields x_M = x0_{M-1}, as
-    DDIM's last step does. A first-order step is exactly a DDIM (eta = 0) step. Deterministic given x_T: noise
-    is drawn once. Same as diffusers' DPMSolverMultistepScheduler (dpmsolver++, solver_order=2, final sigma 0).
-
-    stochastic=True is the SDE variant (sde-dpmsolver++ in diffusers), which adds fresh noise every step:
-        x_i = (sigma_i / sigma_{i-1}) exp(-h_i) x_{i-1} + alpha_i (1 - exp(-2 h_i)) D_i
-              + sigma_i sqrt(1 - exp(-2 h_i)) z_i.
-    Like ancestral DDPM, the noise corrects a model's errors along the way; on an under-trained network it gives
-    much better samples than the deterministic solver at the same number of steps.
-    """
-    device, diffusion, labels = _prepare(model, diffusion, noise, labels)
-    seq = ddim_timesteps(diffusion.num_timesteps, steps)
-    ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
-    frames = _Frames(keep_every, len(seq))
-    with torch.inference_mode(), _EvalMode(model):
-        x = noise.randn(device)
-        x0_prev, h_prev = None, 0.0
-        for step, t in enumerate(tqdm(seq, desc="DPM-Solver++", disable=not progress, leave=False)):
-            tt = torch.full((len(x),), t, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, tt, labels, guidance_scale, null_label)
-            x0 = diffusion.predict_x0(x, tt, eps)
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-            if step + 1 == len(seq):
-                x = x0  # to sigma = 0: exp(-h) = 0 and the first-order update is x0 itself
-            else:
-                a, a_next = float(ab[t]), float(ab[seq[step + 1]])
-                h = _log_snr(a_next) - _log_snr(a)
-                d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)  # 1 / (2 r) = h / 2h_prev
-                ratio = ((1 - a_next) / (1 - a)) ** 0.5
-                if stochastic:
-                    x = ratio * math.exp(-h) * x - a_next**0.5 * math.expm1(-2 * h) * d \
-                        + (1 - a_next) ** 0.5 * (-math.expm1(-2 * h)) ** 0.5 * noise.randn(device)
-                else:
-                    x = ratio * x - a_next**0.5 * math.expm1(-h) * d
-                x0_prev, h_prev = x0, h
-            frames(step, t, x, x0)
+                eps = diffusion.predict_eps(x, t_batch, x0)
+            t_next = seq[i + 1] if i + 1 < len(seq) else None
+            x = chosen.step(diffusion, x, x0, eps, t, t_next, lambda: noise.randn(device), state, **options)
+            frames(i, t, x, x0)
     return frames.result(x)

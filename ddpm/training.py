@@ -1,16 +1,15 @@
-"""The U-Net training loop: AdamW, EMA, gradient clipping, bf16 autocast on GPU, checkpoints, resume.
+"""The U-Net training loop: AdamW, EMA, gradient clipping, a learning-rate schedule, bf16 autocast, resume.
 
-`fit` is the only epoch loop. It runs in this process, or once per Ray Train worker: where torch.distributed
-is initialised (Ray's TorchTrainer sets up the process group), the model is wrapped in DistributedDataParallel
-and each rank trains on its part of every global batch (`GlobalBatches`: the batches, and so the optimizer
-steps, do not depend on how many ranks there are). Whichever way it runs, rank 0 writes the same run folder
-(`ddpm.run_folder`) and resumes from it, so a run can continue in-process after Ray and vice versa, and an
-elastic Ray run can continue on fewer workers.
+`DiffusionTrainer.train_step` is one optimizer step; `fit` is the only epoch loop. It runs in this process, or
+once per Ray Train worker: where torch.distributed is initialised (Ray's TorchTrainer sets up the process
+group), the model is wrapped in DistributedDataParallel and each rank trains on its part of every global batch
+(`ddpm.batches`: the batches, and so the optimizer steps, do not depend on how many ranks there are). `fit`
+writes no files: it resumes from a training state it is given and hands each finished epoch to a `save`
+callback (`ddpm.pipeline.training` keeps them in a run folder).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -22,26 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from ddpm.checkpoints import (
-    TRAINING_STATE,
-    UNET,
-    CheckpointError,
-    copy_file,
-    load_checkpoint,
-    read_json,
-    save_checkpoint,
-    write_json,
-)
-from ddpm.config import Config, config_from_dict, with_trained
-from ddpm.data import load_split
+from ddpm.batches import TrainBatches, make_loader
+from ddpm.checkpoints import TRAINING_STATE, checkpoint_config
+from ddpm.config import Config, with_trained
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.ema import EMA
 from ddpm.errors import UserError
 from ddpm.heap import retain_freed_memory
-from ddpm.models import build_unet
+from ddpm.models import build_unet, null_label
 from ddpm.progress import TrainingDisplay
-from ddpm.run_folder import HISTORY_REMAKE, RunPaths
 
 VAL_BATCH = 256  # validation batch per rank: large enough to be quick, small enough for any device
 
@@ -58,30 +48,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-class EMA:
-    """Exponential moving average of the weights; sampling from it is much better than from the raw weights.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates. Without warm-up a 0.999 average still
-    holds 0.999^n of the random initial weights: 18% after 1,700 steps, which ruins short runs' samples.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, num_updates: int) -> float:
-        return min(self.decay, (1 + num_updates) / (10 + num_updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, num_updates: int) -> None:
-        """`num_updates`: optimizer steps before this one (the trainer's step counter, so resume keeps it)."""
-        decay = self.decay_at(num_updates)
-        # One multi-tensor lerp rather than a kernel per parameter (the same arithmetic, element by element).
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            ema_b.copy_(b)
-
-
 @dataclass
 class EpochMetrics:
     epoch: int
@@ -91,93 +57,6 @@ class EpochMetrics:
     seconds: float
     step: int
     workers: int = 1  # processes that trained this epoch (elastic runs change it)
-
-
-class GlobalBatches(torch.utils.data.Sampler):
-    """This rank's part of each global batch, so that the batches do not depend on how many workers share them.
-
-    Every rank draws the same seeded permutation per epoch and cuts it into global batches of `batch_size`
-    (dropping the short last one); rank r takes rows [r B / W, (r + 1) B / W) of each, so shares differ by at
-    most one image where W does not divide B. An elastic run that loses a worker therefore takes the same
-    optimizer steps, on the same images, as one that did not; resuming replays the order of an uninterrupted run.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.lo, self.hi = rank * batch_size // world_size, (rank + 1) * batch_size // world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        for first in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[first + self.lo : first + self.hi]
-
-
-class Shard(torch.utils.data.Sampler):
-    """Every world_size-th index from `rank`, in order (validation: sums are all-reduced, so shares may differ)."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, n, world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
-class TrainBatches:
-    """This rank's part of every global batch of an epoch (`GlobalBatches`), delivered on `device`.
-
-    Resident (`train.resident_data`): the split is copied to the device once, and each epoch's batch indices once
-    per epoch, so a step costs one indexing kernel instead of a DataLoader collating single images and a
-    host-to-device copy. Otherwise a DataLoader. Both give exactly the same batches.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu", resident: bool = True):
-        self.device = torch.device(device)
-        self.resident = resident
-        if resident:
-            self.sampler = GlobalBatches(len(images), batch_size, seed, rank, world_size)
-            self.images, self.labels = images.to(self.device), labels.to(self.device)
-        else:
-            self.loader = make_loader(images, labels, batch_size, shuffle=True, seed=seed, rank=rank,
-                                      world_size=world_size, pin_memory=self.device.type == "cuda")
-            self.sampler = self.loader.batch_sampler
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        if not self.resident:
-            for x, y in self.loader:
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            return
-        rows = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.device)  # [batches, this rank's share]
-        for index in rows:
-            yield self.images[index], self.labels[index]
-
-
-def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Training (`shuffle`): this rank's part of every global batch of `batch_size` (`GlobalBatches`). Otherwise
-    this rank's shard of the data in batches of `batch_size`."""
-    dataset = TensorDataset(images, labels)
-    if shuffle:
-        return DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, seed, rank, world_size),
-                          pin_memory=pin_memory)
-    return DataLoader(dataset, batch_size=batch_size, sampler=Shard(len(dataset), rank, world_size),
-                      pin_memory=pin_memory)
 
 
 def _process_group() -> tuple[int, int]:
@@ -221,7 +100,7 @@ class DiffusionTrainer:
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion).to(device)
         self.generator = torch.Generator(device=device)  # timesteps, noise, label dropout: see `_reseed`
         # Conditioning is decided here, from the config, never read off the (possibly wrapped) model.
-        self.null_label = cfg.unet.num_classes if cfg.unet.num_classes > 0 else None
+        self.null_label = null_label(cfg.unet)
         self.epoch = 0  # epochs completed
         self.step = 0
         self.total_steps = 0  # of the whole run, for the learning-rate schedule; `fit` sets it
@@ -240,17 +119,15 @@ class DiffusionTrainer:
                                                 p_uncond=p_uncond, generator=self.generator,
                                                 snr_gamma=self.cfg.train.snr_gamma)
 
-    def train_epoch(self, batches: TrainBatches, *, on_batch: Callable[[int, int], None] | None = None,
-                    on_step: Callable[[int, float | None], None] | None = None) -> tuple[float, int]:
+    def train_epoch(self, batches: TrainBatches, *, on_step: Callable[[int, float | None], None] | None = None
+                    ) -> tuple[float, int]:
         """One pass over this rank's `batches`; returns (summed loss * images, images). `on_step(step, loss)`
         follows every optimizer step (loss: the last one checked for finiteness, so reading it costs no sync)."""
         self.train_model.train()
         batches.set_epoch(self.epoch)
         self._reseed(0)
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0  # on the device: no sync a step
-        for batch_index, (x, y) in enumerate(batches):
-            if on_batch is not None:
-                on_batch(self.epoch + 1, batch_index)
+        for x, y in batches:
             total += self.train_step(x, y).double() * len(x)
             count += len(x)
             if on_step is not None:
@@ -353,29 +230,6 @@ class DiffusionTrainer:
         self.step = int(state["step"])
 
 
-def load_training_state(paths: RunPaths) -> dict[str, Any] | None:
-    """The run's newest training checkpoint (last.pt), or None before the first epoch."""
-    if not paths.last_checkpoint.exists():
-        return None
-    return load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
-
-
-def trained_config(paths: RunPaths) -> tuple[Config, str] | None:
-    """The config a run's U-Net was trained with (model.pt, else the last checkpoint), and that file's path."""
-    for path, kinds in ((paths.model, (UNET,)), (paths.last_checkpoint, (TRAINING_STATE,))):
-        if path.exists():
-            return checkpoint_config(load_checkpoint(path, kinds, ""), path), str(path)
-    return None
-
-
-def checkpoint_config(state: dict[str, Any], path) -> Config:
-    """The config saved in a checkpoint; an unusable one is reported with the checkpoint's name."""
-    try:
-        return config_from_dict(state["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} holds no usable config ({exc}): retrain, or delete the file") from None
-
-
 def _sum_over_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
     if world_size == 1:
         return values
@@ -389,45 +243,43 @@ def with_label_shares(cfg: Config, shares: tuple[float, ...]) -> Config:
     return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, label_shares=tuple(shares)))
 
 
-def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, progress: bool = True,
+def fit(cfg: Config, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+        resume: dict[str, Any] | None = None, resume_source: str = "", history: list[dict[str, Any]] | None = None,
+        device: torch.device | None = None, progress: bool = True,
+        save: Callable[[DiffusionTrainer, list[dict[str, Any]]], None] | None = None,
         on_epoch: Callable[[EpochMetrics], dict[str, Any] | None] | None = None,
-        on_batch: Callable[[int, int], None] | None = None,
         on_step: Callable[[int, int, float | None], None] | None = None,
         log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Train to `cfg.train.epochs`, resuming from the run's last checkpoint; returns the history.
+    """Train on `train` (images, labels) to `cfg.train.epochs`, continuing from `resume` (a training state read
+    from `resume_source`) and its epochs' `history`; returns the history, one `EpochMetrics` dict per epoch.
 
-    Rank 0 writes unet/checkpoints/epoch_NNN.pt and last.pt after every epoch, history.json and loss_curves.png.
-    `on_epoch` runs on every rank after the epoch's files are written (in-process training scores the epoch
-    there and returns the score, {"fld", "images"}, for the display; Ray reports it); `on_batch(epoch,
-    batch_index)` before every batch (a test's fault switch); `on_step(step, total_steps, loss)` after every
+    After every epoch, rank 0 calls `save(trainer, history)` (keep the state: nothing else is written), then
+    every rank calls `on_epoch(metrics)` (in-process training scores the epoch there and returns the score,
+    {"fld", "images"}, for the display; Ray reports it). `on_step(step, total_steps, loss)` follows every
     optimizer step (Ray's rank 0 forwards progress to the driver's display). With `progress`, rank 0 shows a bar
-    over the optimizer steps and a line per epoch (`ddpm.progress`), the lines also to `log`. Which
-    epoch becomes model.pt is `ddpm.epoch_fld.finish_training`'s choice, once every epoch is scored.
+    over the optimizer steps and a line per epoch (`ddpm.progress`), the lines also to `log`.
     """
-    from ddpm.images import plot_loss_curves
-
     retain_freed_memory()
     rank, world = _process_group()
     if cfg.train.batch_size < world:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is the global batch: {world} workers need at "
                         "least one image each")
     device = device or resolve_device(cfg.train.device)
-    state = load_training_state(paths)
-    (train_x, train_y) = load_split(paths.data, "train", limit=cfg.train.max_train_images, seed=cfg.train.seed)
+    (train_x, train_y), (val_x, val_y) = train, val
     if len(train_x) < cfg.train.batch_size:  # batches are whole, so an epoch would hold none
         raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {len(train_x):,} training "
                         "images: an epoch would hold no batch; lower train.batch_size")
-    if state is not None:
-        trained = checkpoint_config(state, paths.last_checkpoint)
+    if resume is not None:
+        trained = checkpoint_config(resume, resume_source)
         cfg = with_label_shares(cfg, trained.unet.label_shares)  # recorded when training began
         # The checkpoint fixes the architecture and the schedule: a different request is an error, not a crash.
-        with_trained(cfg, trained, None, str(paths.last_checkpoint))
+        with_trained(cfg, trained, None, resume_source)
     elif cfg.unet.num_classes > 0 and not cfg.unet.label_shares:
         counts = torch.bincount(torch.as_tensor(train_y), minlength=cfg.unet.num_classes)[:cfg.unet.num_classes]
         cfg = with_label_shares(cfg, tuple(round(c / len(train_y), 6) for c in counts.tolist()))
     trainer = DiffusionTrainer(cfg, device, rank=rank, world_size=world)
-    if state is not None:
-        trainer.load_state_dict(state)
+    if resume is not None:
+        trainer.load_state_dict(resume)
         saved_lr = trainer.optimizer.param_groups[0]["lr"]
         for group in trainer.optimizer.param_groups:  # the saved optimizer state brings its own rate: the config's wins
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
@@ -435,13 +287,11 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
             constant = cfg.train.lr_schedule == "constant" and not cfg.train.warmup_steps  # else set every step
             change = f"; train.lr {saved_lr:g} -> {cfg.train.lr:g} from here on" \
                 if constant and saved_lr != cfg.train.lr else ""
-            print(f"resuming from {paths.last_checkpoint} after epoch {trainer.epoch}{change}", flush=True)
-    val_x, val_y = load_split(paths.data, "val", limit=cfg.train.max_val_images, seed=cfg.train.seed)
+            print(f"resuming from {resume_source} after epoch {trainer.epoch}{change}", flush=True)
     train_batches = TrainBatches(train_x, train_y, cfg.train.batch_size, cfg.train.seed, rank=rank,
                                  world_size=world, device=device, resident=cfg.train.resident_data)
     val_loader = make_loader(val_x, val_y, VAL_BATCH, shuffle=False, seed=0, rank=rank, world_size=world)
-    history = read_json(paths.history, HISTORY_REMAKE, list, ("epoch",)) if paths.history.exists() else []
-    history = [h for h in history if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
+    history = [h for h in history or [] if h["epoch"] <= trainer.epoch]  # epochs past the checkpoint are redone
     show = progress and rank == 0
     total_steps = trainer.total_steps = cfg.train.epochs * len(train_batches)
     display = TrainingDisplay(total_steps, cfg.train.batch_size, done=trainer.step, log=log if show else None,
@@ -455,7 +305,7 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     try:
         while trainer.epoch < cfg.train.epochs:
             start = time.perf_counter()
-            train_sum, train_count = trainer.train_epoch(train_batches, on_batch=on_batch, on_step=after_step)
+            train_sum, train_count = trainer.train_epoch(train_batches, on_step=after_step)
             train_seconds = time.perf_counter() - start
             trainer.epoch += 1
             val_sum, val_count = trainer.validate(val_loader)
@@ -466,11 +316,8 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
                                    trainer.step, world)
             history.append(asdict(metrics))
             if rank == 0:
-                epoch_file = paths.epoch_checkpoint(trainer.epoch)
-                save_checkpoint(trainer.state_dict(), epoch_file)
-                copy_file(epoch_file, paths.last_checkpoint)
-                write_json(paths.history, history)
-                plot_loss_curves(history, paths.loss_png)
+                if save is not None:
+                    save(trainer, history)
                 display.epoch_end(metrics.epoch, cfg.train.epochs, metrics.train_loss, metrics.val_loss,
                                   metrics.images_per_s)
             score = on_epoch(metrics) if on_epoch is not None else None
@@ -479,29 +326,3 @@ def fit(cfg: Config, paths: RunPaths, *, device: torch.device | None = None, pro
     finally:
         display.close()
     return history
-
-
-def sampling_weights(state: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """From a training state, what sampling needs: the sampling weights (EMA where kept) and the config, as a
-    `model.pt`-kind checkpoint; `extra` adds fields (e.g. why this epoch was chosen)."""
-    weights = state["ema"] if state.get("ema") is not None else state["model"]
-    return {"kind": UNET, "config": state["config"], "model": weights, "epoch": state["epoch"],
-            "step": state["step"], **extra}
-
-
-def load_model(path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild a trained U-Net (eval mode) and the config it was trained with, from `model.pt`."""
-    state = load_checkpoint(path, (UNET,), "train a model first with `ddpm train --out RUN_DIR`")
-    return model_from_weights(state, path, device)
-
-
-def model_from_weights(state: dict[str, Any], path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """The U-Net (eval mode) and its config from a `model.pt`-kind state (`sampling_weights`) read from `path`."""
-    cfg = checkpoint_config(state, path)
-    model = build_unet(cfg.unet, cfg.diffusion.timesteps)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: the weights do not match the config saved with them ({str(exc)[:120]}...); "
-                        "retrain this run") from None
-    return model.to(device).eval(), cfg

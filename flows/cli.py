@@ -18,8 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ddpm.config import Config, ConfigError, flag_names, load_config, parse_overrides, worker_range
+from ddpm.config import Config, ConfigError, flag_names, load_config, parse_overrides
 from ddpm.errors import UserError
+from ddpm.schema import worker_range
 
 
 def _common(parser: argparse.ArgumentParser, needs_out: bool = True) -> None:
@@ -74,8 +75,8 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
     explicit --set or config-file value that contradicts them is refused.
     """
     from ddpm.config import read_config_file, with_trained
-    from ddpm.run_folder import RunPaths, read_config
-    from ddpm.training import trained_config
+    from ddpm.pipeline.run_folder import RunPaths, read_config
+    from ddpm.pipeline.training import trained_config
 
     overrides = parse_overrides(args.overrides)
     if getattr(args, "mirror", None):
@@ -107,8 +108,8 @@ def cmd_model_summary(cfg: Config) -> None:
 def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
               args_digit: tuple[int, int] | None = None, verbose: bool = False) -> object:
     """Run one stage; only when it succeeds is the config it ran with recorded in the run folder."""
-    from ddpm import stages
-    from ddpm.run_folder import commit_config
+    from ddpm.pipeline import stages
+    from ddpm.pipeline.run_folder import commit_config
 
     paths = stages.RunPaths(run_dir)
     if command == "data":

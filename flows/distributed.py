@@ -1,11 +1,12 @@
 """Ray: where the library's stages run. U-Net training on Ray Train workers, sampling on Ray actors.
 
-Ray adds no second copy of either stage. Every Train worker runs `ddpm.training.fit`, the loop the CLI runs
-in-process: Ray provides the process group (DDP over gloo on CPUs, NCCL on GPUs), each rank's part of every
-global batch, and the place each epoch is reported. Each report from rank 0 carries the epoch's sampling weights
-as a Ray checkpoint, which Ray Train scores in a validation task (`validate_epoch`, `ddpm.epoch_fld`) while the
-workers go on. A `MIN-MAX` worker count makes the run elastic. The sampling actors run
-`ddpm.generate.sample_shard` for the shards that `ddpm.stages.sample` plans and combines.
+Ray adds no second copy of either stage. Every Train worker runs `ddpm.training.fit` over the run folder
+(`ddpm.pipeline.training.fit_in_folder`), the loop the CLI runs in-process: Ray provides the process group (DDP
+over gloo on CPUs, NCCL on GPUs), each rank's part of every global batch, and the place each epoch is reported.
+Each report from rank 0 carries the epoch's sampling weights as a Ray checkpoint, which Ray Train scores in a
+validation task (`validate_epoch`, `ddpm.pipeline.epoch_fld`) while the workers go on. A `MIN-MAX` worker count
+makes the run elastic. The sampling actors run `ddpm.pipeline.samples.sample_shard` for the shards that
+`ddpm.pipeline.stages.sample` plans and combines.
 
 The run folder is the source of truth: rank 0 writes every epoch's checkpoint there and every restart (after
 a lost worker or node, or a later `ddpm train`, in-process or on Ray) resumes from it. Ray Train V2 (2.60) has
@@ -26,16 +27,19 @@ from typing import Any
 
 import torch
 
-from ddpm import stages
-from ddpm.checkpoints import TRAINING_STATE, load_checkpoint, save_checkpoint
-from ddpm.config import Config, config_from_dict, worker_range
-from ddpm.epoch_fld import check_evaluator, finish_training, score_epoch
-from ddpm.errors import UserError, first_line
-from ddpm.generate import Shard
+from ddpm.checkpoints import TRAINING_STATE, load_checkpoint, sampling_weights, save_checkpoint
+from ddpm.config import Config, config_from_dict
+from ddpm.errors import UserError
+from ddpm.pipeline import stages
+from ddpm.pipeline.epoch_fld import check_evaluator, finish_training, score_epoch
+from ddpm.pipeline.run_folder import RunPaths
+from ddpm.pipeline.samples import SampleShard
+from ddpm.pipeline.training import fit_in_folder
 from ddpm.progress import TrainingDisplay
-from ddpm.run_folder import RunPaths
-from ddpm.training import EpochMetrics, NonFiniteLossError, fit, resolve_device, sampling_weights
+from ddpm.schema import worker_range
+from ddpm.training import EpochMetrics, NonFiniteLossError, resolve_device
 from flows import RAY_NODE_ENV
+from flows.mlflow_writer import epoch_metrics_for_tracking, live_curve
 from flows.preflight import check_ray_address
 
 
@@ -200,40 +204,13 @@ class EventsDisplay:
         (self.log or print)(line)
 
 
-def epoch_metrics_for_tracking(metrics: EpochMetrics | dict[str, Any]) -> dict[str, float]:
-    m = metrics if isinstance(metrics, dict) else asdict(metrics)
-    return {"train_loss": m["train_loss"], "val_loss": m["val_loss"], "images_per_s": m["images_per_s"],
-            "epoch_seconds": m["seconds"], "workers": m.get("workers", 1)}
-
-
-def _track(tracking: dict[str, Any] | None, values: dict[str, float], step: int) -> None:
-    """Live curves: an epoch's values logged to the stage's MLflow run as soon as they exist (rank 0's losses,
-    a validation task's FLD). A tracking hiccup must not kill or stall training: the driver logs whatever is
-    missing once training is done. So one try, without MLflow's minutes of retries (these processes use MLflow
-    for nothing else), and after a failure no more tries in this process (`tracking["failed"]`)."""
-    if not tracking or tracking.get("failed"):
-        return
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        now = int(time.time() * 1000)
-        MlflowClient(tracking["uri"]).log_batch(tracking["run_id"], metrics=[
-            Metric(key, float(value), now, step) for key, value in values.items()])
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        tracking["failed"] = True
-        print(f"warning: could not log epoch {step} to MLflow ({first_line(exc)}); the driver logs the curve "
-              "once training ends", flush=True)
-
-
 def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str, threads: int,
                    tracking: dict[str, str] | None = None) -> dict[str, float]:
     """Ray Train's validation function: runs as a Ray task on each epoch's reported checkpoint (its sampling
-    weights) while the workers train on, and scores it (`ddpm.epoch_fld`): the score file in the run folder,
+    weights) while the workers train on, and scores it (`ddpm.pipeline.epoch_fld`): the score file in the run folder,
     the `epoch_fld` curve in MLflow, and Ray's own record of the checkpoint."""
     from ddpm.checkpoints import UNET, load_checkpoint
-    from ddpm.epoch_fld import score_weights
+    from ddpm.pipeline.epoch_fld import score_weights
 
     torch.set_num_threads(threads)
     with checkpoint.as_directory() as folder:
@@ -247,7 +224,7 @@ def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str
 def _record_score(events: Path, tracking: dict[str, Any] | None, score: dict[str, Any]) -> None:
     """An epoch's score, wherever it was drawn: an event for the driver's display, the live MLflow curve."""
     _log_event(events, event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
-    _track(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
+    live_curve(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -255,14 +232,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ddpm.training import load_training_state
+    from ddpm.pipeline.training import load_training_state
 
     cfg = config_from_dict(loop_config["config"])
     paths = RunPaths(Path(loop_config["run_dir"]))
     context = ray.train.get_context()
     rank = context.get_world_rank()
     events = Path(loop_config["events"])
-    fault_at_epoch = loop_config.get("fault_at_epoch", 0)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # Ray pins each worker to one thread (OMP_NUM_THREADS=1); share the node's cores out instead, so that one
@@ -271,16 +247,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(cpu_share(context.get_world_size()))
     if rank == 0:
         state = load_training_state(paths)
-        _log_event(events, event="start", world_size=context.get_world_size(),
+        # The pid says which process to look at (or, in the fault tests, to kill) while this attempt runs.
+        _log_event(events, event="start", world_size=context.get_world_size(), pid=os.getpid(),
                    resumed_after_epoch=state["epoch"] if state else 0)
-
-    def on_batch(epoch: int, batch_index: int) -> None:
-        # Test-only fault switch (train_with_ray(fault_at_epoch=...)): rank 0 dies mid-epoch, once per run.
-        marker = events.parent / f"fault_injected_epoch_{fault_at_epoch}"
-        if rank == 0 and epoch == fault_at_epoch and batch_index == 1 and not marker.exists():
-            marker.touch()
-            _log_event(events, event="fault", epoch=epoch)
-            os._exit(1)
 
     last_progress = [0.0]
 
@@ -298,7 +267,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
                    val_loss=metrics.val_loss, workers=metrics.workers, images_per_s=metrics.images_per_s,
                    step=metrics.step)
-        _track(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
+        live_curve(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
         if cfg.train.epoch_fld_samples and loop_config["score_in_line"]:
             # Scored here, between epochs, with the worker's threads: the other ranks wait in the report.
             _record_score(events, loop_config.get("mlflow"), score_epoch(cfg, paths, metrics.epoch, device))
@@ -314,8 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              validation=True)
 
     try:
-        fit(cfg, paths, device=device, progress=False, on_epoch=on_epoch,
-            on_batch=on_batch if fault_at_epoch else None, on_step=on_step)
+        fit_in_folder(cfg, paths, device=device, progress=False, on_epoch=on_epoch, on_step=on_step)
     except UserError as exc:
         # Deterministic (a NaN loss, a config the checkpoint refuses): a Ray restart would only repeat it. Every
         # rank stops alike (see DiffusionTrainer.train_step); the driver re-raises the message.
@@ -347,12 +315,11 @@ def scoring_in_tasks(cfg: Config, use_gpu: bool) -> bool:
 
 
 def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
-                   tracking: dict[str, str] | None = None, fault_at_epoch: int = 0,
+                   tracking: dict[str, str] | None = None,
                    log=None, verbose: bool = False) -> list[dict[str, Any]]:
     """`fit` on `train.num_workers` Ray Train workers; resumes from the run folder like the in-process path.
 
     `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
-    `fault_at_epoch` is for tests only: rank 0's process dies once during that epoch.
     With `progress` the driver shows the training as in-process training does (a bar over optimizer steps, a
     line per epoch and per score), its lines also to `log` (the flow's Prefect logger). Ray Train's own INFO
     lines (checkpoint paths, validation bookkeeping) stay out of the console unless `verbose`.
@@ -388,7 +355,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
-                           "mlflow": tracking, "fault_at_epoch": fault_at_epoch, "score_in_line": not in_tasks},
+                           "mlflow": tracking, "score_in_line": not in_tasks},
         # A range makes Ray Train elastic: it starts with as many workers as the cluster can hold (at least
         # `fewest`), restarts with fewer after losing one, and grows again when the resources return.
         scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu),
@@ -423,8 +390,8 @@ class SamplerActor:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.cfg, self.diffusion = load_for_sampling(config_from_dict(config), Path(model_path), device)
 
-    def sample(self, shard: Shard, out: str, progress_actor=None) -> str:
-        from ddpm.generate import sample_shard
+    def sample(self, shard: SampleShard, out: str, progress_actor=None) -> str:
+        from ddpm.pipeline.samples import sample_shard
 
         def report(n: int) -> None:
             if progress_actor is not None:
@@ -451,7 +418,7 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
 
     Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
 
-    def run_shards(cfg: Config, paths: RunPaths, shards: list[Shard], folder: Path) -> None:
+    def run_shards(cfg: Config, paths: RunPaths, shards: list[SampleShard], folder: Path) -> None:
         import ray
         from ray.util import ActorPool
         from tqdm.auto import tqdm

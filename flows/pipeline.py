@@ -23,13 +23,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ddpm import stages
 from ddpm.config import Config, flag_names, load_config
-from ddpm.epoch_fld import selection
 from ddpm.errors import UserError
-from ddpm.locks import exclusive
 from ddpm.models import LeNet5, build_unet, count_parameters
-from ddpm.run_folder import RunPaths, commit_config
+from ddpm.pipeline import stages
+from ddpm.pipeline.epoch_fld import selection
+from ddpm.pipeline.locks import exclusive
+from ddpm.pipeline.run_folder import RunPaths, commit_config
+from flows.mlflow_writer import epoch_metrics_for_tracking
 from flows.preflight import check_services
 from flows.tracking import Tracker, TrackingLostError, check_promotion, masked, tracking_uri, ui_hint
 
@@ -59,6 +60,13 @@ def transient(task, task_run, state) -> bool:
     return True
 
 
+def stage_task(name: str, retries: int = 1):
+    """A pipeline stage as a Prefect task. Never cached by Prefect: the run folder and `<runs>/cache/` decide what
+    a rerun reuses."""
+    return task(name=name, retries=retries, retry_delay_seconds=5, retry_condition_fn=transient,
+                cache_policy=NO_CACHE)
+
+
 class Stage:
     """An MLflow child run around one stage; marks it FAILED (and re-raises) if the stage fails."""
 
@@ -73,8 +81,7 @@ class Stage:
         self.tracker.end(self.run_id, "FAILED" if exc_type else "FINISHED")
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("prepare-data", retries=2)
 def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
     with Stage(tracker, "data") as run_id:
         manifest = stages.prepare_data(cfg, paths, cache=cache, progress=True)
@@ -88,8 +95,7 @@ def prepare_data_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracke
         return manifest
 
 
-@task(name="train-lenet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("train-lenet")
 def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker) -> dict[str, Any]:
     with Stage(tracker, "train-lenet") as run_id:
         metrics = stages.train_classifier(cfg, paths, cache=cache, progress=True)
@@ -107,13 +113,12 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
         return {**metrics, "evaluator_version": version}
 
 
-@task(name="train-unet", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("train-unet")
 def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: bool = False) -> list[dict[str, Any]]:
     """Ray Train, or this process for one local worker (`flows.distributed.trains_in_process`); a retry (or a
     rerun with the same run name) resumes from the last checkpoint. Progress shows in this task's log: a line per
     tenth of the steps, per epoch and per score; the losses and scores reach MLflow as each epoch ends."""
-    from flows.distributed import epoch_metrics_for_tracking, train_with_ray, trains_in_process
+    from flows.distributed import train_with_ray, trains_in_process
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
@@ -123,9 +128,8 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: boo
             log("U-Net: training in this process (one local worker: train.num_workers=1 without RAY_ADDRESS)")
 
             def live(metrics, fld) -> None:
-                tracker.metrics(run_id, epoch_metrics_for_tracking(metrics), step=metrics.epoch)
-                if fld is not None:
-                    tracker.metrics(run_id, {"epoch_fld": fld}, step=metrics.epoch)
+                values = epoch_metrics_for_tracking(metrics)
+                tracker.curve(run_id, values if fld is None else {**values, "epoch_fld": fld}, metrics.epoch)
 
             history = stages.train_unet(cfg, paths, progress=True, log=log, on_epoch=live)
         else:
@@ -133,12 +137,7 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: boo
                                      log=log, verbose=verbose)
         # Rank 0 logged losses live, and Ray Train's validation tasks each epoch's FLD; add what they did not
         # (epochs of an earlier attempt, scores the driver computed, a tracking hiccup).
-        logged, scored = tracker.logged_steps(run_id, "train_loss"), tracker.logged_steps(run_id, "epoch_fld")
-        for h in history:
-            if h["epoch"] not in logged:
-                tracker.metrics(run_id, epoch_metrics_for_tracking(h), step=h["epoch"])
-            if "fld" in h and h["epoch"] not in scored:
-                tracker.metrics(run_id, {"epoch_fld": h["fld"]}, step=h["epoch"])
+        tracker.backfill_curves(run_id, history)
         chosen = selection(paths)
         tracker.tag(run_id, {"model_epoch": chosen["epoch"], "model_selection": chosen["reason"]})
         tracker.metrics(run_id, {"model_epoch": chosen["epoch"]})
@@ -151,8 +150,7 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: boo
         return history
 
 
-@task(name="sample", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("sample")
 def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
     from flows.distributed import sample_with_ray
 
@@ -168,8 +166,7 @@ def sample_task(cfg: Config, paths: RunPaths, tracker: Tracker) -> str:
         return str(paths.samples)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("evaluate")
 def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_version: str) -> dict[str, Any]:
     with Stage(tracker, "evaluate") as run_id:
         result = stages.evaluate(cfg, paths, progress=True)
@@ -200,8 +197,7 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
         return result
 
 
-@task(name="register-and-promote", retries=2, retry_delay_seconds=5, retry_condition_fn=transient,
-      cache_policy=NO_CACHE)
+@stage_task("register-and-promote", retries=2)
 def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[str, Any],
                   evaluator_version: str, promotion: str) -> dict[str, Any]:
     with Stage(tracker, "register") as run_id:

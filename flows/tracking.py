@@ -8,17 +8,15 @@ and the champion alias only moves between models scored by the same evaluator.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,10 @@ from mlflow.tracking import MlflowClient
 
 from ddpm.checkpoints import write_json
 from ddpm.config import ConfigError
-from ddpm.errors import UserError, first_line
-from ddpm.locks import exclusive
-from flows.preflight import check_mlflow, masked
+from ddpm.errors import UserError
+from ddpm.pipeline.locks import exclusive
+from flows.mlflow_writer import Writer, guarded
+from flows.preflight import masked
 
 UNET_MODEL = "mnist-ddpm-unet"
 LENET_MODEL = "mnist-lenet"
@@ -114,8 +113,8 @@ class UNetSampler(mlflow.pyfunc.PythonModel):
     models); the output is one 784-pixel uint8 image per row. Weights load with weights_only=True."""
 
     def load_context(self, context) -> None:
+        from ddpm.checkpoints import load_model
         from ddpm.diffusion import GaussianDiffusion
-        from ddpm.training import load_model
 
         self.model, self.cfg = load_model(Path(context.artifacts["model"]))
         self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion)
@@ -157,57 +156,13 @@ class TrackingLostError(UserError):
     """The tracking server went away during the run: the results are on disk, the listed items are not in MLflow."""
 
 
-def _offline(describe: Callable[..., str], fallback: Any = None):
-    """Make a Tracker method survive the tracking server going away mid-run.
+@dataclass(kw_only=True)
+class Tracker(Writer):
+    """The driver's writer for one pipeline run: its MLflow runs, params, tags, artifacts and registered models,
+    each call under the writer's failure policy (flows.mlflow_writer)."""
 
-    A run that has trained for an hour must not die, or wait for minutes per call, because MLflow stopped: the
-    first call that fails while the server does not answer its health check switches the tracker offline; from
-    then on calls return `fallback` at once and only record what they would have logged (`Tracker.missing`),
-    which the flow reports at the end. An error from a server that still answers is a real error: it is raised.
-    """
-
-    def wrap(method):
-        @functools.wraps(method)
-        def call(self: Tracker, *args, **kwargs):
-            if self.lost is None:
-                try:
-                    return method(self, *args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - re-raised below unless the server is gone
-                    if not self.server_gone():
-                        raise
-                    self.lost = _short_reason(exc)
-                    logging.getLogger(__name__).warning(
-                        "MLflow at %s stopped answering (%s): the run goes on, results stay in the run folder, "
-                        "and what is not logged is listed at the end", masked(self.uri), self.lost)
-            self.missing.append(describe(self, *args, **kwargs))
-            return fallback(self, *args, **kwargs) if callable(fallback) else fallback
-
-        return call
-
-    return wrap
-
-
-def _short_reason(exc: BaseException) -> str:
-    """'Connection refused' rather than MLflow's three-line retry report with the whole request URL in it."""
-    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)", str(exc))
-    return found.group(1).strip() if found else first_line(exc)[:200]
-
-
-def _stage_of(tracker: Tracker, run_id: str) -> str:
-    return tracker.stages.get(run_id, run_id)
-
-
-@dataclass
-class Tracker:
-    """Thin wrapper over MlflowClient for one pipeline run; survives the server going away (see `_offline`)."""
-
-    uri: str
     experiment_id: str
     parent_id: str
-    client: MlflowClient
-    stages: dict[str, str] = field(default_factory=dict)  # run id -> stage name, for the list of what is missing
-    lost: str | None = None  # why the server was given up on; None while it answers
-    missing: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, runs_dir: Path, tags: dict[str, str]) -> Tracker:
@@ -223,7 +178,8 @@ class Tracker:
         # Without this tag MLflow 3's UI guesses the experiment's kind and may open its GenAI view.
         client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
         parent = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        return cls(uri, experiment_id, parent.info.run_id, client, stages={parent.info.run_id: "pipeline"})
+        return cls(uri=uri, experiment_id=experiment_id, parent_id=parent.info.run_id, client=client,
+                   stages={parent.info.run_id: "pipeline"})
 
     def close_abandoned(self, run_dir: str) -> list[str]:
         """Mark KILLED the parent runs (and their children) still RUNNING for `run_dir` other than ours: the
@@ -242,15 +198,7 @@ class Tracker:
             killed.append(run.info.run_id)
         return killed
 
-    def server_gone(self) -> bool:
-        """A tracking server that no longer answers its health check (a local store never goes away)."""
-        try:
-            check_mlflow(self.uri)
-        except UserError:
-            return True
-        return False
-
-    @_offline(lambda self, stage: f"{stage}: its MLflow run", fallback=lambda self, stage: self._unlogged_id(stage))
+    @guarded(lambda self, stage: f"{stage}: its MLflow run", fallback=lambda self, stage: self._unlogged_id(stage))
     def child(self, stage: str) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
@@ -264,40 +212,30 @@ class Tracker:
         self.stages[run_id] = stage
         return run_id
 
-    @_offline(lambda self, run_id, status="FINISHED": f"{_stage_of(self, run_id)}: status {status}")
+    @guarded(lambda self, run_id, status="FINISHED": f"{self.stage_of(run_id)}: status {status}")
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
-    @_offline(lambda self, run_id, params: f"{_stage_of(self, run_id)}: params {', '.join(params)}")
+    @guarded(lambda self, run_id, params: f"{self.stage_of(run_id)}: params {', '.join(params)}")
     def params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    @_offline(lambda self, run_id, metrics, step=0: f"{_stage_of(self, run_id)}: metrics {', '.join(metrics)}"
-              + (f" (step {step})" if step else ""))
-    def metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(run_id, key, float(value), step=step)
-
-    @_offline(lambda self, run_id, key: f"{_stage_of(self, run_id)}: read {key} history", fallback=set())
-    def logged_steps(self, run_id: str, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
-
-    @_offline(lambda self, run_id, path, folder=None:
-              f"{_stage_of(self, run_id)}: artifact {Path(folder or '', Path(path).name)} (file: {path})")
+    @guarded(lambda self, run_id, path, folder=None:
+             f"{self.stage_of(run_id)}: artifact {Path(folder or '', Path(path).name)} (file: {path})")
     def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
         if Path(path).exists():
             self.client.log_artifact(run_id, str(path), folder)
 
-    @_offline(lambda self, run_id, name, payload: f"{_stage_of(self, run_id)}: artifact {name}")
+    @guarded(lambda self, run_id, name, payload: f"{self.stage_of(run_id)}: artifact {name}")
     def json_artifact(self, run_id: str, name: str, payload: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_text(json.dumps(payload, indent=2, default=str))
             self.client.log_artifact(run_id, str(path))
 
-    @_offline(lambda self, run_id, tags: f"{_stage_of(self, run_id)}: tags {', '.join(tags)}")
+    @guarded(lambda self, run_id, tags: f"{self.stage_of(run_id)}: tags {', '.join(tags)}")
     def tag(self, run_id: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
@@ -311,7 +249,7 @@ class Tracker:
 
     # -- registry ---------------------------------------------------------------------------------------------
 
-    @_offline(lambda self, run_id, *a: f"{_stage_of(self, run_id)}: register {LENET_MODEL}", fallback="unregistered")
+    @guarded(lambda self, run_id, *a: f"{self.stage_of(run_id)}: register {LENET_MODEL}", fallback="unregistered")
     def register_lenet(self, run_id: str, lenet_path: Path, evaluator_id: str, accuracy: float) -> str:
         """One registered version per distinct evaluator: a cached LeNet reuses its existing version."""
         existing = self.client.search_model_versions(
@@ -327,7 +265,7 @@ class Tracker:
         self.client.set_registered_model_alias(LENET_MODEL, EVALUATOR_ALIAS, version)
         return version
 
-    @_offline(lambda self, run_id, *a, **k: f"{_stage_of(self, run_id)}: register {UNET_MODEL}")
+    @guarded(lambda self, run_id, *a, **k: f"{self.stage_of(run_id)}: register {UNET_MODEL}")
     def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any], description: str = "") -> str:
         info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(),
                            artifacts={"model": str(model_path)}, registered_model_name=UNET_MODEL)
@@ -338,7 +276,7 @@ class Tracker:
             self.client.update_model_version(UNET_MODEL, version, description=description)
         return version
 
-    @_offline(lambda self, run_id, *a: f"{_stage_of(self, run_id)}: input dataset mnist")
+    @guarded(lambda self, run_id, *a: f"{self.stage_of(run_id)}: input dataset mnist")
     def log_dataset(self, run_id: str, manifest: dict[str, Any], folder: Path) -> None:
         """The prepared MNIST as the run's input dataset (the UI's Datasets section), named by its content."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source

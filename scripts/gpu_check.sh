@@ -53,7 +53,7 @@ import sys
 from pathlib import Path
 
 from ddpm.config import load_config
-from ddpm.run_folder import RunPaths, read_config
+from ddpm.pipeline.run_folder import RunPaths, read_config
 from flows.distributed import shutdown_ray, train_with_ray
 
 paths = RunPaths(Path(sys.argv[1]))

@@ -30,7 +30,7 @@ def collect(run: Path, command: str) -> dict:
                    "batch_size": config["train"]["batch_size"], "workers": config["train"]["num_workers"],
                    "conditional": config["unet"]["num_classes"] > 0},
         "training_seconds": sum(h["seconds"] for h in history),
-        # Sample quality per epoch (ddpm.epoch_fld) and the epoch that became the model.
+        # Sample quality per epoch (ddpm.pipeline.epoch_fld) and the epoch that became the model.
         "epoch_fld": {h["epoch"]: h["fld"] for h in history if "fld" in h},
         "model": evaluation.get("model"),
         "sampling": sampling,

@@ -68,12 +68,13 @@ def check_compared_set_uses_the_main_sets_seeds(run, evaluation, report):
     import torch
 
     from ddpm.config import load_config
-    from ddpm.generate import image_noise, load_for_sampling, read_samples, run_sampler
+    from ddpm.generate import image_noise, load_for_sampling, run_sampler
+    from ddpm.pipeline.samples import read_samples
     from ddpm.pixels import model_to_uint8
 
     compared, _ = read_samples(run / "samples" / "compare" / "ddim-5.parquet")
     model, cfg, diffusion = load_for_sampling(
-        load_config("smoke", None, {"sample.sampler": "ddim", "sample.ddim_steps": "5"}), run / "unet" / "model.pt",
+        load_config("smoke", None, {"sample.sampler": "ddim", "sample.steps": "5"}), run / "unet" / "model.pt",
         torch.device("cpu"))
     expected = np.concatenate([model_to_uint8(run_sampler(model, diffusion, cfg, image_noise(cfg, first, 16),
                                                           None).images).numpy()[:, 0] for first in (0, 16)])
@@ -181,8 +182,8 @@ def test_library_imports_no_orchestration_packages():
 def test_guidance_end_to_end_with_a_digit_grid(smoke_run, make_run, capsys):
     """A conditional U-Net trained with label dropout samples its digits in the training split's shares with
     guidance, and one digit on request; an unconditional one refuses --digit."""
-    from ddpm.generate import read_samples
-    from ddpm.training import load_model
+    from ddpm.checkpoints import load_model
+    from ddpm.pipeline.samples import read_samples
 
     run = str(smoke_run)
     common = ["--out", run, "--quiet"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ddpm.config import ConfigError, load_config, parse_overrides, with_trained
-from ddpm.generate import Shard, plan_shards
+from ddpm.pipeline.samples import SampleShard, plan_shards
 
 
 @pytest.mark.parametrize("key, text, expected", [
@@ -34,12 +34,12 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("train.lr", "0", "train.lr=0.0 must be > 0"),
     ("train.batch_size", "0", "train.batch_size=0 must be >= 1"),
     ("sample.num_actors", "0", "sample.num_actors=0 must be >= 1"),
-    ("sample.ddim_steps", "21", "sample.ddim_steps=21 must be in [1, diffusion.timesteps=20]"),
+    ("sample.steps", "21", "sample.steps=21 must be in [1, diffusion.timesteps=20]"),
     ("sample.compare", "ddim:5,euler", "sample.compare entry 'euler': sampler 'euler' is not one of"),
     ("sample.compare", "ddpm:50", "sample.compare entry 'ddpm:50': ddpm takes all diffusion.timesteps steps"),
     ("sample.compare", "ddim:21", "sample.compare entry 'ddim:21': steps must be in [1, diffusion.timesteps=20]"),
     ("sample.compare", "ddim@-1", "sample.compare entry 'ddim@-1': write sampler[:steps][@guidance]"),
-    ("sample.compare", "ddim:10,ddim", "sample.compare lists 'ddim' twice"),  # smoke's ddim_steps is 10
+    ("sample.compare", "ddim:10,ddim", "sample.compare lists 'ddim' twice"),  # smoke's sample.steps is 10
     ("sample.compare_samples", "0", "sample.compare_samples=0 must be >= 1"),
     ("sample.noise", "numpy", "sample.noise='numpy': use one of generator, philox"),
     ("train.lr_schedule", "step", "train.lr_schedule='step': use one of constant, cosine, linear"),
@@ -54,13 +54,13 @@ def test_each_wrong_value_is_named_alone(key, text, message):
 
 
 def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
-    from ddpm.config import compare_sets
+    from ddpm.schema import compare_sets
 
     cfg = load_config("smoke", overrides={"sample.compare": "ddpm,dpm++2m:8@0", "sample.guidance_scale": "2"})
     sets = compare_sets(cfg)
     assert list(sets) == ["ddpm-20", "dpmpp2m-8-w0"]  # MLflow metric names allow no '+'
     assert (sets["ddpm-20"].sampler, sets["ddpm-20"].guidance_scale) == ("ddpm", 2.0)
-    assert (sets["dpmpp2m-8-w0"].ddim_steps, sets["dpmpp2m-8-w0"].guidance_scale) == (8, 0.0)
+    assert (sets["dpmpp2m-8-w0"].steps, sets["dpmpp2m-8-w0"].guidance_scale) == (8, 0.0)
     for s in sets.values():
         assert (s.seed, s.batch_size, s.num_samples, s.compare) == (cfg.sample.seed, cfg.sample.batch_size, 32, ())
     few = load_config("smoke", overrides={"sample.num_samples": "20"})
@@ -74,12 +74,12 @@ def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
     (0, "ddim:5", 3.0),       # an unconditional model ignores guidance: the run's value is kept as it was
 ])
 def test_epoch_scores_of_a_conditional_model_default_to_guidance_1(classes, spec, guidance):
-    from ddpm.config import epoch_fld_config
+    from ddpm.schema import epoch_fld_config
 
     cfg = load_config("smoke", overrides={"unet.num_classes": str(classes), "sample.guidance_scale": "3",
                                           "train.epoch_fld_sampler": spec})
     scored = epoch_fld_config(cfg).sample
-    assert (scored.sampler, scored.ddim_steps, scored.guidance_scale) == ("ddim", 5, guidance)
+    assert (scored.sampler, scored.steps, scored.guidance_scale) == ("ddim", 5, guidance)
 
 
 def test_parse_overrides():
@@ -90,7 +90,7 @@ def test_parse_overrides():
 
 def test_with_trained_takes_the_checkpoint_and_refuses_explicit_contradictions():
     trained = load_config("smoke")
-    asked = load_config("gpu", overrides={"sample.num_samples": "7", "sample.ddim_steps": "10",
+    asked = load_config("gpu", overrides={"sample.num_samples": "7", "sample.steps": "10",
                                          "sample.compare": "ddim:10"})
     merged = with_trained(asked, trained, set(), "model.pt")
     assert merged.unet == trained.unet and merged.diffusion == trained.diffusion
@@ -117,7 +117,7 @@ def test_plan_shards_covers_every_image_once_on_batch_boundaries(num, batch, sha
 
 
 def test_plan_shards_example():
-    assert plan_shards(20, 8, 2) == [Shard(0, 0, 16), Shard(1, 16, 4)]
+    assert plan_shards(20, 8, 2) == [SampleShard(0, 0, 16), SampleShard(1, 16, 4)]
 
 
 def test_profiles_say_what_they_are():
@@ -134,7 +134,7 @@ def test_profiles_say_what_they_are():
     cpu = load_config("cpu")
     assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == ("1", 1, "dpm++2m-sde")
     assert (original.train.export, cpu.train.export) == ("last", "best")  # the original keeps its last epoch
-    assert cpu.sample.ddim_steps <= 25  # the fast sampler's promise
+    assert cpu.sample.steps <= 25  # the fast sampler's promise
     gpu = load_config("gpu")  # the fast path on a GPU; the CPU keeps what measured fastest there
     assert (gpu.sample.noise, gpu.train.check_every, gpu.train.fused_optimizer) == ("philox", 50, True)
     assert (cpu.sample.noise, cpu.train.check_every, cpu.train.cpu_bf16) == ("generator", 1, True)
@@ -143,3 +143,18 @@ def test_profiles_say_what_they_are():
     # ... and digit-conditional, sampled by its conditional network alone (guidance above 1 raised the FLD)
     assert (cpu.unet.num_classes, cpu.sample.guidance_scale, original.unet.num_classes) == (10, 1.0, 0)
     assert (original.train.lr_schedule, original.train.warmup_steps, original.train.snr_gamma) == ("constant", 0, 0.0)
+
+
+def test_the_old_steps_key_is_still_read(tmp_path):
+    """sample.ddim_steps became sample.steps: --set, config files and configs saved by earlier versions (run
+    folders, checkpoints) may still say ddim_steps."""
+    from ddpm.config import config_from_dict
+
+    assert load_config("smoke", overrides={"sample.ddim_steps": "7"}).sample.steps == 7
+    (tmp_path / "old.toml").write_text("[sample]\nddim_steps = 6\n")
+    assert load_config("smoke", config_file=tmp_path / "old.toml").sample.steps == 6
+    saved = load_config("smoke").to_dict()
+    saved["sample"]["ddim_steps"] = saved["sample"].pop("steps") - 1
+    assert config_from_dict(saved).sample.steps == load_config("smoke").sample.steps - 1
+    with pytest.raises(ConfigError, match=r"sample.steps=21 must be in \[1, diffusion.timesteps=20\]"):
+        load_config("smoke", overrides={"sample.ddim_steps": "21"})

@@ -3,6 +3,7 @@ sample quality against 100-step DDPM), first-order steps equal DDIM, per-image r
 frames, clipping, and agreement with diffusers' DPMSolverMultistepScheduler on a small U-Net."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,12 +14,12 @@ from ddpm.config import DiffusionConfig, UNetConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.models import build_unet
 from ddpm.noise import PerImageNoise, image_seeds
-from ddpm.sampling import (
-    ddim_sample,
-    ddim_timesteps,
-    ddpm_sample,
-    dpm_solver_sample,
-)
+from ddpm.sampling import ddim_timesteps, sample
+
+# The samplers through the one loop (`ddpm.sampling.sample`), by their registered names.
+ddpm_sample = partial(sample, sampler="ddpm")
+ddim_sample = partial(sample, sampler="ddim")
+dpm_solver_sample = partial(sample, sampler="dpm++2m")
 
 SHAPE = (1, 8, 8)
 
@@ -318,7 +319,7 @@ def test_sde_variant_matches_diffusers_with_the_same_noise(steps):
     T, shape, seeds = 100, (1, 16, 16), image_seeds(5, 0, 4)
     d = diffusion(T)
     model = UNetDenoiser(T, d.alpha_bars64).eval()
-    ours = dpm_solver_sample(model, d, PerImageNoise(seeds, shape), steps=steps, clip_x0=False, stochastic=True)
+    ours = dpm_solver_sample(model, d, PerImageNoise(seeds, shape), steps=steps, clip_x0=False, sampler="dpm++2m-sde")
     scheduler = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, trained_betas=d.betas.double().numpy(), algorithm_type="sde-dpmsolver++",
         solver_order=2, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True)
@@ -340,7 +341,7 @@ def test_sde_variant_is_batch_invariant():
 
     def run(start, count):
         return dpm_solver_sample(model, d, PerImageNoise(image_seeds(9, start, count), (1, 16, 16)), steps=8,
-                                 stochastic=True).images
+                                 sampler="dpm++2m-sde").images
 
     # A conv over 6 images and over 3 may take different kernels: float noise only, no shared randomness.
     torch.testing.assert_close(run(0, 6), torch.cat([run(0, 3), run(3, 3)]), atol=1e-5, rtol=0)

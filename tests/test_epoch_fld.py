@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ddpm.batches import GlobalBatches, make_loader
 from ddpm.checkpoints import UNET, load_checkpoint
 from ddpm.config import load_config
-from ddpm.epoch_fld import epoch_fld_path, finish_training, read_scores
-from ddpm.stages import RunPaths, train_unet
-from ddpm.training import DiffusionTrainer, GlobalBatches, make_loader
+from ddpm.pipeline.epoch_fld import epoch_fld_path, finish_training, read_scores
+from ddpm.pipeline.stages import RunPaths, train_unet
+from ddpm.training import DiffusionTrainer
 
 
 def smoke(**overrides):

@@ -177,7 +177,7 @@ def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror
 
     from ddpm.checkpoints import UNET, load_checkpoint
     from ddpm.config import load_config
-    from ddpm.stages import RunPaths, train_unet
+    from ddpm.pipeline.stages import RunPaths, train_unet
     from flows.distributed import ray_run_name, read_events
 
     settings = {"train.epochs": "3", "train.max_train_images": "1024", "train.num_workers": "1-2"}

@@ -173,7 +173,7 @@ def test_failed_stage_fails_the_run_without_pointless_retries(tmp_path, mirror):
     caches nothing; the refused evaluator is not saved, so no later stage can pick it up."""
     from ddpm.classifier import AccuracyTooLowError
     from ddpm.config import load_config
-    from ddpm.stages import lenet_key
+    from ddpm.pipeline.stages import lenet_key
     from flows.pipeline import mnist_ddpm
 
     overrides = {"data.mirror": str(mirror), "classifier.min_accuracy": "0.9999"}
@@ -197,8 +197,8 @@ def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
     report says what it evaluated."""
     import numpy as np
 
-    from ddpm.generate import read_samples
-    from ddpm.training import load_model
+    from ddpm.checkpoints import load_model
+    from ddpm.pipeline.samples import read_samples
     from flows.distributed import shutdown_ray
     from flows.pipeline import mnist_ddpm
 

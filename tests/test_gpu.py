@@ -37,7 +37,7 @@ def test_training_step_on_cuda_with_bf16_autocast_learns():
 def test_cuda_sampling_matches_cpu_for_the_same_seeds(sampler, noise):
     """Per-image noise is drawn the same way whatever the device, so a CUDA run reproduces the CPU images up to
     float rounding: the contract that lets a GPU and a CPU run be compared image by image."""
-    cfg = load_config("smoke", overrides={"sample.sampler": sampler, "sample.ddim_steps": "10", "sample.noise": noise})
+    cfg = load_config("smoke", overrides={"sample.sampler": sampler, "sample.steps": "10", "sample.noise": noise})
     torch.manual_seed(0)
     model = build_unet(cfg.unet, cfg.diffusion.timesteps).eval()
     with torch.no_grad():  # the output convolution starts at zero: give the network something to say
@@ -75,15 +75,15 @@ def test_the_fast_path_trains_the_same_weights_on_cuda(tmp_path, make_run):
     """Resident data with a check every 5 steps against the DataLoader and a check every step, on the GPU. The
     batches are identical (exactly so on the CPU, tests/test_training.py); cuDNN's backward kernels are not
     bitwise deterministic, so the weights agree to rounding here."""
-    from ddpm.run_folder import RunPaths
-    from ddpm.training import fit, load_training_state
+    from ddpm.pipeline.run_folder import RunPaths
+    from ddpm.pipeline.training import fit_in_folder, load_training_state
 
     states = {}
     for name, resident, check in (("plain", "false", "1"), ("fast", "true", "5")):
         paths = RunPaths(make_run(tmp_path / name))
         cfg = load_config("smoke", overrides={"train.device": "cuda", "train.resident_data": resident,
                                               "train.check_every": check})
-        fit(cfg, paths, progress=False)
+        fit_in_folder(cfg, paths, progress=False)
         states[name] = load_training_state(paths)["model"]
     for k in states["plain"]:
         torch.testing.assert_close(states["fast"][k], states["plain"][k], rtol=1e-2, atol=1e-3)

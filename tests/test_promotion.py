@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from ddpm.checkpoints import save_checkpoint
+from ddpm.checkpoints import sampling_weights, save_checkpoint
 from ddpm.config import ConfigError, load_config
-from ddpm.run_folder import RunPaths
-from ddpm.training import DiffusionTrainer, sampling_weights
+from ddpm.pipeline.run_folder import RunPaths
+from ddpm.training import DiffusionTrainer
 
 
 @pytest.fixture(scope="module")

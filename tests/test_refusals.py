@@ -50,12 +50,12 @@ def test_bad_paths_are_named(tmp_path, capsys):
 def test_resume_applies_a_new_learning_rate(smoke_run):
     from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
     from ddpm.config import load_config
-    from ddpm.run_folder import RunPaths
-    from ddpm.training import fit
+    from ddpm.pipeline.run_folder import RunPaths
+    from ddpm.pipeline.training import fit_in_folder
 
     paths = RunPaths(smoke_run)
-    fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
-    fit(load_config("smoke", overrides={"train.epochs": 2, "train.lr": 2e-4}), paths, progress=False)
+    fit_in_folder(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
+    fit_in_folder(load_config("smoke", overrides={"train.epochs": 2, "train.lr": 2e-4}), paths, progress=False)
     state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2e-4]
 
@@ -161,9 +161,10 @@ def test_a_sample_stage_stopped_part_way_leaves_the_old_sets(smoke_run):
     import torch
 
     from ddpm.config import load_config
-    from ddpm.generate import load_for_sampling, sample_shard
-    from ddpm.run_folder import RunPaths
-    from ddpm.stages import sample, shard_file, train_unet
+    from ddpm.generate import load_for_sampling
+    from ddpm.pipeline.run_folder import RunPaths
+    from ddpm.pipeline.samples import sample_shard
+    from ddpm.pipeline.stages import sample, shard_file, train_unet
 
     paths = RunPaths(smoke_run)
     cfg = load_config("smoke", overrides={"train.epochs": 1, "sample.num_samples": 32, "sample.batch_size": 8})

@@ -2,6 +2,7 @@
 an analytic oracle for Gaussian data, classifier-free guidance, animation frames and x0 clipping."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,12 +12,13 @@ from torch import nn
 from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.noise import PerImageNoise, image_seeds, make_noise
-from ddpm.sampling import (
-    ddim_sample,
-    ddim_timesteps,
-    ddpm_sample,
-    guided_eps,
-)
+from ddpm.samplers import SAMPLERS, SamplerSpec
+from ddpm.sampling import ddim_timesteps, guided_eps, sample
+
+# The samplers through the one loop (`ddpm.sampling.sample`), by their registered names.
+ddpm_sample = partial(sample, sampler="ddpm")
+ddim_sample = partial(sample, sampler="ddim")
+dpm_solver_sample = partial(sample, sampler="dpm++2m")
 
 SHAPE = (1, 8, 8)
 
@@ -94,8 +96,16 @@ def test_per_image_noise_rows_come_from_their_own_generator():
     )
 
 
+def run_registered(name, model, d, noise, **kwargs):
+    """Any registered sampler, with the options the tests give it: 10 steps for the few-step samplers, eta 0.5
+    for those that take it (DDIM with noise)."""
+    chosen = SAMPLERS[name]
+    options = ({} if chosen.all_steps else {"steps": 10}) | ({"eta": 0.5} if "eta" in chosen.options else {})
+    return sample(model, d, noise, sampler=name, **options, **kwargs)
+
+
 @pytest.mark.parametrize("noise_kind", ["generator", "philox"])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_same_images_in_one_batch_or_two(sampler, noise_kind):
     d, model = diffusion(), TinyNet(num_classes=10)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
@@ -103,10 +113,7 @@ def test_same_images_in_one_batch_or_two(sampler, noise_kind):
 
     def run(start, count):
         noise = make_noise(noise_kind, image_seeds(42, start, count), SHAPE)
-        lab = labels[start : start + count]
-        if sampler == "ddpm":
-            return ddpm_sample(model, d, noise, labels=lab, null_label=10, **kwargs)
-        return ddim_sample(model, d, noise, steps=10, eta=0.5, labels=lab, null_label=10, **kwargs)
+        return run_registered(sampler, model, d, noise, labels=labels[start : start + count], null_label=10, **kwargs)
 
     whole, parts = run(0, 8), [run(0, 4), run(4, 4)]
     torch.testing.assert_close(whole.images, torch.cat([p.images for p in parts]), atol=1e-6, rtol=0)
@@ -315,13 +322,11 @@ class Overshoot(nn.Module):
         return -3 * x
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_clip_x0(sampler):
     def run(clip):
-        noise = PerImageNoise([3, 4], SHAPE)
-        if sampler == "ddpm":
-            return ddpm_sample(Overshoot(), diffusion(), noise, clip_x0=clip, keep_every=1)
-        return ddim_sample(Overshoot(), diffusion(), noise, steps=10, eta=0.5, clip_x0=clip, keep_every=1)
+        return run_registered(sampler, Overshoot(), diffusion(), PerImageNoise([3, 4], SHAPE), clip_x0=clip,
+                              keep_every=1)
 
     clipped, raw = run(True), run(False)
     assert all(f.abs().max() <= 1 for f in clipped.x0_frames)
@@ -375,3 +380,30 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close():
     assert images[True].dtype == torch.float32
     difference = (images[True] - images[False]).abs()
     assert 0 < difference.mean() < 0.05, difference.mean()
+
+
+# --- the registry and its specs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps, guidance", [(None, None), (7, None), (None, 0.0), (12, 2.5)])
+def test_spec_round_trips_and_names_its_set(name, steps, guidance):
+    if SAMPLERS[name].all_steps and steps is not None:
+        with pytest.raises(ValueError, match="drop ':steps'"):
+            SamplerSpec.parse(f"{name}:{steps}")
+        return
+    spec = SamplerSpec(name, steps, guidance)
+    assert SamplerSpec.parse(str(spec)) == spec
+    set_name = spec.set_name(steps or 25)
+    assert "+" not in set_name and set_name.startswith(name.replace("+", "p"))
+    assert ("-w" in set_name) == (guidance is not None)
+    if guidance is not None:
+        assert set_name.endswith(f"-w{guidance:g}")
+
+
+@pytest.mark.parametrize("text, problem", [("ddim:", "write sampler"), ("euler:5", "'euler' is not one of"),
+                                           ("ddim:5@1.2.3", "not a number"), ("DDIM", "write sampler"),
+                                           ("ddim@", "write sampler")])
+def test_bad_specs_say_what_is_wrong(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        SamplerSpec.parse(text)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.config import BOUNDS, CHOICES, Config, ConfigError, load_config
+from ddpm.config import Config, ConfigError, load_config
+from ddpm.schema import BOUNDS, CHOICES
 from flows.cli import main
 
 # str keys without a fixed set of values, each checked by its own parser in `validate`.
@@ -44,7 +45,7 @@ def test_every_key_has_bounds_or_choices():
     keys = dict(schema())
     for key, kind in keys.items():
         if kind in (int, float):
-            assert key in BOUNDS, f"{key} ({kind.__name__}) has no entry in ddpm.config.BOUNDS"
+            assert key in BOUNDS, f"{key} ({kind.__name__}) has no entry in ddpm.schema.BOUNDS"
         elif kind is str:
             assert key in CHOICES or key in FREE_FORM, f"{key} has neither CHOICES nor a parser (FREE_FORM)"
     assert set(BOUNDS) | set(CHOICES) <= set(keys), "BOUNDS or CHOICES name a key the config does not have"

@@ -9,21 +9,22 @@ import pickle
 import pytest
 import torch
 
-from ddpm.checkpoints import LENET, TRAINING_STATE, UNET, CheckpointError, load_checkpoint
+from ddpm.batches import TrainBatches
+from ddpm.checkpoints import (
+    LENET,
+    TRAINING_STATE,
+    UNET,
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_model,
+)
 from ddpm.config import ConfigError, load_config
 from ddpm.data import load_split
-from ddpm.stages import RunPaths, train_unet
-from ddpm.training import (
-    EMA,
-    DiffusionTrainer,
-    NonFiniteLossError,
-    TrainBatches,
-    checkpoint_config,
-    fit,
-    learning_rate,
-    load_model,
-    load_training_state,
-)
+from ddpm.ema import EMA
+from ddpm.pipeline.stages import RunPaths, train_unet
+from ddpm.pipeline.training import fit_in_folder, load_training_state
+from ddpm.training import DiffusionTrainer, NonFiniteLossError, learning_rate
 
 
 def smoke(**overrides):
@@ -63,9 +64,9 @@ def test_fit_writes_checkpoints_history_and_model(smoke_run):
 
 def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, make_run):
     straight, split = run_folder(make_run, tmp_path, "a"), run_folder(make_run, tmp_path, "b")
-    fit(smoke(**{"train.epochs": 3}), straight, progress=False)
-    fit(smoke(**{"train.epochs": 2}), split, progress=False)
-    history = fit(smoke(**{"train.epochs": 3}), split, progress=False)
+    fit_in_folder(smoke(**{"train.epochs": 3}), straight, progress=False)
+    fit_in_folder(smoke(**{"train.epochs": 2}), split, progress=False)
+    history = fit_in_folder(smoke(**{"train.epochs": 3}), split, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert json.loads(split.history.read_text()) == history
     a, b = state_of(straight.last_checkpoint), state_of(split.last_checkpoint)
@@ -77,11 +78,11 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, 
 
 def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, make_run):
     paths = run_folder(make_run, tmp_path, "r")
-    fit(smoke(**{"train.epochs": 1}), paths, progress=False)
+    fit_in_folder(smoke(**{"train.epochs": 1}), paths, progress=False)
     before = paths.last_checkpoint.read_bytes()
     for key, value in (("unet.base_channels", 16), ("diffusion.timesteps", 30), ("diffusion.schedule", "linear")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            fit(smoke(**{"train.epochs": 2, key: value}), paths, progress=False)
+            fit_in_folder(smoke(**{"train.epochs": 2, key: value}), paths, progress=False)
     assert paths.last_checkpoint.read_bytes() == before
 
 
@@ -90,7 +91,7 @@ def test_conditional_training_feeds_the_labels_to_the_network(tmp_path, make_run
     label's row untouched. (A model trained only on its null label would show the opposite.)"""
     paths = run_folder(make_run, tmp_path, "c")
     cfg = smoke(**{"train.epochs": 1, "unet.num_classes": 10, "train.p_uncond": 0.0})
-    fit(cfg, paths, progress=False)
+    fit_in_folder(cfg, paths, progress=False)
     trained = state_of(paths.last_checkpoint)["model"]
     init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
     (key,) = [k for k in trained if "label" in k and k.endswith("weight")]
@@ -108,7 +109,7 @@ def test_nan_loss_raises_clear_error_and_keeps_finished_epochs(tmp_path, make_ru
     bad step, and the epoch's checkpoint is not written."""
     cfg = smoke(**{"train.epochs": 2, "train.check_every": check_every})
     paths = run_folder(make_run, tmp_path, "n")
-    fit(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
+    fit_in_folder(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     trainer = DiffusionTrainer(cfg, torch.device("cpu"))
     trainer.load_state_dict(load_training_state(paths))
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_the_fast_path_switches_train_exactly_the_same_model(tmp_path, make_run)
     results = {}
     for name, resident, check_every in (("plain", "false", "1"), ("fast", "true", "5")):
         paths = run_folder(make_run, tmp_path, name)
-        history = fit(smoke(**{"train.resident_data": resident, "train.check_every": check_every}), paths,
+        history = fit_in_folder(smoke(**{"train.resident_data": resident, "train.check_every": check_every}), paths,
                       progress=False)
         results[name] = history, state_of(paths.last_checkpoint)
     (plain_history, plain), (fast_history, fast) = results["plain"], results["fast"]
@@ -254,7 +255,7 @@ def test_trainer_steps_with_the_scheduled_rate(tmp_path, make_run):
     """Every optimizer step takes the schedule's rate for its step of the whole run (epochs x batches)."""
     cfg = smoke(**{"train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.max_train_images": 128})
     paths = run_folder(make_run, tmp_path, "sched")
-    fit(cfg, paths, progress=False)
+    fit_in_folder(cfg, paths, progress=False)
     total = 2 * (128 // 32)
     for epoch, last_step in ((1, 3), (2, 7)):  # the rate the epoch's last step was taken with
         state = state_of(paths.epoch_checkpoint(epoch))

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.config import UNetConfig, check_unet
+from ddpm.config import UNetConfig
+from ddpm.schema import check_unet
+
+
+def null_label(cfg: UNetConfig) -> int | None:
+    """The reserved label of classifier-free guidance's unconditional branch: the label embedding's last row,
+    after the num_classes digits (None: an unconditional model has no labels)."""
+    return cfg.num_classes if cfg.num_classes > 0 else None
 
 
 def sinusoidal_table(timesteps: int, dim: int, n: float = 10_000.0) -> Tensor:
@@ -99,7 +106,7 @@ def upsample(c_in: int, c_out: int) -> nn.Module:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1))
 
 
-BLOCK_CLASSES = {"resblock": ResBlock, "convembed": ConvEmbed}  # keys: ddpm.config.BLOCKS
+BLOCK_CLASSES = {"resblock": ResBlock, "convembed": ConvEmbed}  # keys: ddpm.schema.BLOCKS
 
 
 class UNet(nn.Module):
@@ -110,8 +117,7 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps={timesteps} must be >= 1")
         self.cfg, self.timesteps = cfg, timesteps
         self.num_classes = cfg.num_classes
-        # The reserved label for classifier-free guidance: the last row of the label embedding.
-        self.null_label = cfg.num_classes if cfg.num_classes > 0 else None
+        self.null_label = null_label(cfg)
         d, n, levels = cfg.base_channels, cfg.blocks_per_level, len(cfg.channel_multipliers)
         chs = [d] + [d * m for m in cfg.channel_multipliers]
         emb_dim = 4 * d

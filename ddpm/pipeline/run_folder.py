@@ -9,7 +9,7 @@ leave the same files:
     R/classifier/lenet.pt             the LeNet evaluator (+ metrics)
     R/unet/checkpoints/epoch_NNN.pt   one training checkpoint per epoch; last.pt is a copy of the newest
     R/unet/history.json               per-epoch losses, throughput, workers, step and epoch FLD
-    R/unet/epoch_fld/epoch_NNN.json   each epoch's sample-quality score (ddpm.epoch_fld)
+    R/unet/epoch_fld/epoch_NNN.json   each epoch's sample-quality score (ddpm.pipeline.epoch_fld)
     R/unet/model.pt                   the sampling (EMA) weights of the chosen epoch, why, and the config
     R/samples/samples.parquet         generated images (uint8) with their index and label
     R/samples/sampling.json           how they were made: sampler, steps, guidance, seconds
@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ddpm.checkpoints import write_text
 from ddpm.config import Config, ConfigError, config_from_dict
-from ddpm.errors import first_line
+from ddpm.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,22 @@ def read_config(paths: RunPaths) -> Config | None:
         raise ConfigError(f"{paths.config} holds a config this version refuses ({exc}): {fix}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{paths.config} is unreadable ({first_line(exc)}): {fix}") from None
+
+
+def read_json(path: Path, remake: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
+    """A JSON file a stage wrote: a `kind` (dict, or list of dicts) whose dicts hold `keys`. Missing, damaged
+    (truncated, empty, not UTF-8) or of another shape, it is refused in one line naming the file and `remake`,
+    the command that writes it again."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())  # json detects UTF-8/16/32 by itself
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {remake}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}): {remake}") from None
+    items = value if kind is list and isinstance(value, list) else [value]
+    if not isinstance(value, kind) or not all(isinstance(i, dict) and all(k in i for k in keys) for i in items):
+        shape = f"{kind.__name__}{' of objects' if kind is list else ''} with {', '.join(keys)}" if keys else \
+            kind.__name__
+        raise UserError(f"{path} is not what this project writes there (expected a {shape}): {remake}")
+    return value

@@ -23,17 +23,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm.checkpoints import TRAINING_STATE, UNET, load_checkpoint, read_json, save_checkpoint, write_json
+from ddpm.checkpoints import (
+    TRAINING_STATE,
+    UNET,
+    load_checkpoint,
+    model_from_weights,
+    sampling_weights,
+    save_checkpoint,
+    write_json,
+)
 from ddpm.classifier import load_lenet
-from ddpm.config import Config, epoch_fld_config, with_trained
+from ddpm.config import Config, with_trained
 from ddpm.data import load_split
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import UserError
-from ddpm.generate import draw_images
+from ddpm.generate import draw_images, sampler_steps
+from ddpm.images import plot_loss_curves
 from ddpm.metrics import extract_lenet_outputs, frechet_lenet_distance
+from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, read_json
 from ddpm.pixels import uint8_to_model
-from ddpm.run_folder import HISTORY_REMAKE, RunPaths
-from ddpm.training import model_from_weights, sampling_weights
+from ddpm.schema import epoch_fld_config
 
 
 def check_evaluator(cfg: Config, paths: RunPaths) -> None:
@@ -85,7 +94,7 @@ def score_weights(cfg: Config, paths: RunPaths, weights: dict[str, Any], source:
     features, _ = extract_lenet_outputs(lenet, uint8_to_model(images).unsqueeze(1), cfg.eval.batch_size, device)
     score = {"epoch": int(weights["epoch"]), "step": int(weights["step"]),
              "fld": frechet_lenet_distance(features, test_features), "images": n, "sampler": s.sampler,
-             "steps": s.ddim_steps if s.sampler != "ddpm" else draw.diffusion.timesteps,
+             "steps": sampler_steps(draw),
              "guidance_scale": s.guidance_scale, "evaluator_id": evaluator_id,
              "seconds": time.perf_counter() - start}
     write_json(epoch_fld_path(paths, score["epoch"]), score)
@@ -113,49 +122,64 @@ def read_scores(paths: RunPaths) -> dict[int, dict[str, Any]]:
 
 def finish_training(cfg: Config, paths: RunPaths, *, device: torch.device | str = "cpu", progress: bool = True
                     ) -> list[dict[str, Any]]:
-    """After the last epoch: score any epoch still without a score under the current evaluator, add the scores
-    to history.json and loss_curves.png, and export the epoch `train.export` picks as unet/model.pt (with the
-    reason). Returns the history."""
-    from ddpm.images import plot_loss_curves
-
+    """After the last epoch: score any epoch still without a score under the current evaluator
+    (`score_missing_epochs`), plot the curves, and export the epoch `train.export` picks as unet/model.pt, with
+    the reason. Returns the history, each epoch with its FLD."""
     history = read_json(paths.history, HISTORY_REMAKE, list, ("epoch",))
-    by_epoch = {h["epoch"]: h for h in history}
     last = history[-1]["epoch"]
     chosen, reason, best = last, "last epoch", None
     if cfg.train.epoch_fld_samples > 0:
-        check_evaluator(cfg, paths)
-        scores = read_scores(paths)
-        evaluator_id = load_lenet(paths.lenet)[1]["evaluator_id"]
-        for epoch, h in by_epoch.items():
-            score = scores.get(epoch)
-            # A score from another evaluator, or from weights since retrained, says nothing of this epoch.
-            stale = score is not None and (score["evaluator_id"] != evaluator_id or score["step"] != h["step"])
-            if (score is None or stale) and paths.epoch_checkpoint(epoch).is_file():
-                if progress:
-                    print(f"epoch {epoch}: scoring its FLD here ({'a new evaluator' if stale else 'no score yet'})",
-                          flush=True)
-                scores[epoch] = score_epoch(cfg, paths, epoch, device)
-            h.pop("fld", None)
-            if epoch in scores:
-                h["fld"] = scores[epoch]["fld"]
-        write_json(paths.history, history)
-        scored = [h for h in history if "fld" in h and paths.epoch_checkpoint(h["epoch"]).is_file()]
-        if scored:
-            best = min(scored, key=lambda h: (h["fld"], -h["epoch"]))["epoch"]  # a tie goes to the later epoch
+        history = score_missing_epochs(cfg, paths, history, device, progress)
+        best = best_epoch(paths, history)
         if cfg.train.export == "best":
             if best is None:
                 raise UserError(f"no epoch of {paths.root} has both a checkpoint and an FLD: retrain, or set "
                                 "train.export=last")
             chosen = best
-            reason = f"best epoch FLD: {by_epoch[best]['fld']:.3f} on {cfg.train.epoch_fld_samples} images"
+            fld = next(h["fld"] for h in history if h["epoch"] == best)
+            reason = f"best epoch FLD: {fld:.3f} on {cfg.train.epoch_fld_samples} images"
     plot_loss_curves(history, paths.loss_png, best=best)
-    source = paths.epoch_checkpoint(chosen) if paths.epoch_checkpoint(chosen).is_file() else paths.last_checkpoint
-    save_checkpoint({**epoch_weights(source), "selection": {
-        "rule": cfg.train.export, "reason": reason, "epoch": chosen, "epochs": last,
-        "epoch_fld": by_epoch[chosen].get("fld")}}, paths.model)
+    export_epoch(cfg, paths, chosen, reason, history)
     if progress:
         print(f"unet/model.pt: epoch {chosen} of {last} ({reason})", flush=True)
     return history
+
+
+def score_missing_epochs(cfg: Config, paths: RunPaths, history: list[dict[str, Any]],
+                         device: torch.device | str, progress: bool) -> list[dict[str, Any]]:
+    """Score every epoch (with a checkpoint) whose score is missing, or stale: drawn under another evaluator,
+    or from weights since retrained. Each epoch's FLD goes into history.json."""
+    check_evaluator(cfg, paths)
+    scores = read_scores(paths)
+    evaluator_id = load_lenet(paths.lenet)[1]["evaluator_id"]
+    for h in history:
+        epoch, score = h["epoch"], scores.get(h["epoch"])
+        stale = score is not None and (score["evaluator_id"] != evaluator_id or score["step"] != h["step"])
+        if (score is None or stale) and paths.epoch_checkpoint(epoch).is_file():
+            if progress:
+                print(f"epoch {epoch}: scoring its FLD here ({'a new evaluator' if stale else 'no score yet'})",
+                      flush=True)
+            scores[epoch] = score_epoch(cfg, paths, epoch, device)
+        h.pop("fld", None)
+        if epoch in scores:
+            h["fld"] = scores[epoch]["fld"]
+    write_json(paths.history, history)
+    return history
+
+
+def best_epoch(paths: RunPaths, history: list[dict[str, Any]]) -> int | None:
+    """The scored epoch with the lowest FLD whose checkpoint is still there (a tie goes to the later epoch)."""
+    scored = [h for h in history if "fld" in h and paths.epoch_checkpoint(h["epoch"]).is_file()]
+    return min(scored, key=lambda h: (h["fld"], -h["epoch"]))["epoch"] if scored else None
+
+
+def export_epoch(cfg: Config, paths: RunPaths, chosen: int, reason: str, history: list[dict[str, Any]]) -> None:
+    """Write epoch `chosen`'s sampling weights as unet/model.pt, with why it was chosen."""
+    by_epoch = {h["epoch"]: h for h in history}
+    source = paths.epoch_checkpoint(chosen) if paths.epoch_checkpoint(chosen).is_file() else paths.last_checkpoint
+    save_checkpoint({**epoch_weights(source), "selection": {
+        "rule": cfg.train.export, "reason": reason, "epoch": chosen, "epochs": history[-1]["epoch"],
+        "epoch_fld": by_epoch[chosen].get("fld")}}, paths.model)
 
 
 def selection(paths: RunPaths) -> dict[str, Any] | None:

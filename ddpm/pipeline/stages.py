@@ -1,4 +1,4 @@
-"""The pipeline's stages as plain functions over a run folder (`ddpm.run_folder`).
+"""The pipeline's stages as plain functions over a run folder (`ddpm.pipeline.run_folder`).
 
 The CLI calls them one by one; the Prefect flow wraps the same functions in tasks and adds tracking. Where a
 stage can run elsewhere (training on Ray Train workers, sampling on Ray actors), the caller passes in how; the
@@ -8,14 +8,12 @@ stage itself stays the same, and so do the files it leaves.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.checkpoints import copy_file, read_json, write_json, write_text
+from ddpm.checkpoints import copy_file, write_json, write_text
 from ddpm.classifier import load_lenet, train_lenet
-from ddpm.config import Config, compare_sets
-from ddpm.data import FORMAT_VERSION, class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
+from ddpm.config import Config
+from ddpm.data import class_means, load_split, prepare_dataset, prepared_ok, resolve_mirror
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.epoch_fld import check_evaluator, finish_training, score_epoch, selection
 from ddpm.errors import UserError
-from ddpm.generate import (
-    Shard,
-    combine_shards,
-    image_noise,
-    labels_for,
-    load_for_sampling,
-    plan_shards,
-    read_samples,
-    run_sampler,
-    sample_shard,
-    sampler_steps,
-)
+from ddpm.generate import image_noise, labels_for, load_for_sampling, run_sampler, sampler_steps
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
-from ddpm.locks import exclusive
 from ddpm.metrics import (
     extract_lenet_outputs,
     frechet_lenet_distance,
@@ -55,40 +40,17 @@ from ddpm.metrics import (
     nearest_mean_labels,
     predicted_class_mean_distance,
 )
+from ddpm.pipeline.cache import cache_lock, data_key, lenet_key, link
+from ddpm.pipeline.epoch_fld import check_evaluator, finish_training, score_epoch, selection
+from ddpm.pipeline.report import digit_rows, digit_share_deviation, evaluation_markdown
+from ddpm.pipeline.run_folder import RunPaths, read_json
+from ddpm.pipeline.samples import SampleShard, combine_shards, plan_shards, read_samples, sample_shard, shard_file
+from ddpm.pipeline.training import fit_in_folder
 from ddpm.pixels import uint8_to_model
-from ddpm.run_folder import RunPaths
-from ddpm.training import EpochMetrics, fit, resolve_device
+from ddpm.schema import compare_sets
+from ddpm.training import EpochMetrics, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
-
-# --- caches shared between runs (the flow's `<runs>/cache/`): keyed by everything that shapes the result --
-
-
-def _key(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def data_key(cfg: Config) -> str:
-    return _key({"format": FORMAT_VERSION, "split_seed": cfg.data.split_seed, "val_fraction": cfg.data.val_fraction})
-
-
-def lenet_key(cfg: Config) -> str:
-    return _key({"data": data_key(cfg), "classifier": cfg.classifier.__dict__})
-
-
-def _cache_lock(cache: Path | None, entry: str):
-    """Runs sharing the cache prepare each entry once: the second waits for the first, then reuses its work."""
-    return nullcontext() if cache is None else exclusive(cache / f".{entry}.lock", f"the cache entry {entry}")
-
-
-def _link(link: Path, target: Path) -> None:
-    if link.is_symlink() or link.exists():
-        if link.resolve() == target.resolve():
-            return
-        link.unlink() if link.is_symlink() else shutil.rmtree(link)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-
 
 # --- stages ---------------------------------------------------------------------------------------------
 
@@ -103,12 +65,12 @@ def prepare_data(cfg: Config, paths: RunPaths, *, cache: Path | None = None, pro
     if cfg.data.mirror:
         resolve_mirror(cfg.data.mirror)  # a wrong explicit mirror fails, with its name, even if nothing is needed
     folder = paths.data if cache is None else cache / f"data-{data_key(cfg)}"
-    with _cache_lock(cache, folder.name):
+    with cache_lock(cache, folder.name):
         reused = prepared_ok(folder) and _manifest_matches(cfg, folder)
         if not reused:
             prepare_dataset(folder, cfg.data, progress=progress)  # all or nothing
     if cache is not None:
-        _link(paths.data, folder)
+        link(paths.data, folder)
     return {**json.loads((folder / "manifest.json").read_text()), "reused": reused, "data_key": data_key(cfg)}
 
 
@@ -124,7 +86,7 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
     with the same classifier config is reused, so FLDs of runs that share it stay comparable."""
     entry = f"lenet-{lenet_key(cfg)}"
     cached = cache / entry / "lenet.pt" if cache is not None else None
-    with _cache_lock(cache, entry):  # a concurrent run with the same key waits, then reuses
+    with cache_lock(cache, entry):  # a concurrent run with the same key waits, then reuses
         reused = cached is not None and cached.exists() and \
             load_lenet(cached)[1]["test_accuracy"] >= cfg.classifier.min_accuracy
         if reused:
@@ -140,7 +102,7 @@ def train_classifier(cfg: Config, paths: RunPaths, *, cache: Path | None = None,
 def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True, log: Callable[[str], None] | None = None,
                on_epoch: Callable[[EpochMetrics, float | None], None] | None = None) -> list[dict[str, Any]]:
     """Train in this process (resuming from the run's last checkpoint), scoring each epoch's samples as it ends,
-    then export the epoch `train.export` picks. `flows.distributed.train_with_ray` runs the same `fit` on Ray
+    then export the epoch `train.export` picks. `flows.distributed.train_with_ray` runs the same `fit_in_folder` on Ray
     Train workers. `log` also gets the display's lines (a Prefect logger); `on_epoch(metrics, fld)` follows
     each epoch and its score (the flow logs them to MLflow as they come)."""
     check_evaluator(cfg, paths)
@@ -152,12 +114,12 @@ def train_unet(cfg: Config, paths: RunPaths, *, progress: bool = True, log: Call
             on_epoch(metrics, fld)
         return None if fld is None else {"fld": fld, "images": cfg.train.epoch_fld_samples}
 
-    fit(cfg, paths, device=device, progress=progress, on_epoch=score, log=log)
+    fit_in_folder(cfg, paths, device=device, progress=progress, on_epoch=score, log=log)
     return finish_training(cfg, paths, device=device, progress=progress)
 
 
 # Computes every shard into a folder (as `sample_shard` files): where the work runs is the caller's choice.
-ShardRunner = Callable[[Config, RunPaths, list[Shard], Path], None]
+ShardRunner = Callable[[Config, RunPaths, list[SampleShard], Path], None]
 
 
 def sample(cfg: Config, paths: RunPaths, *, progress: bool = True, run_shards: ShardRunner | None = None,
@@ -227,10 +189,6 @@ def sample_digit(cfg: Config, paths: RunPaths, digit: int, count: int = 64) -> P
     return save_grid(images, paths.root / f"digit_{digit}.png", nrow=min(count, 8))
 
 
-def shard_file(folder: Path, shard: Shard) -> Path:
-    return folder / f"shard_{shard.index:05d}.parquet"
-
-
 def animate(cfg: Config, paths: RunPaths, model: torch.nn.Module, diffusion: GaussianDiffusion) -> Path:
     """The reverse process of a few images: x_t beside the model's running estimate of x0."""
     n = cfg.sample.animation_images
@@ -285,7 +243,8 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "lenet": {"test_accuracy": lenet_metrics["test_accuracy"],
                   "evaluator_id": lenet_metrics["evaluator_id"]},
         "counts": {name: len(images) for name, images in sets.items()} | {"memorisation_reference": len(train_all)},
-        "sampler": {"name": cfg.sample.sampler, "ddim_steps": cfg.sample.ddim_steps, "eta": cfg.sample.eta,
+        "sampler": {"name": cfg.sample.sampler, "steps": cfg.sample.steps, "eta": cfg.sample.eta,
+                    "ddim_steps": cfg.sample.steps,  # its name before sample.steps: readers of older reports
                     "guidance_scale": cfg.sample.guidance_scale, "conditional": cfg.unet.num_classes > 0},
         "model": selection(paths) if paths.model.is_file() else None,  # which epoch, and why
     }
@@ -296,12 +255,6 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result
-
-
-def digit_share_deviation(hist: np.ndarray, test_hist: np.ndarray) -> float:
-    """The largest relative deviation of a digit's share from its test share (0.25: some digit off by 25%)."""
-    shares = hist / hist.sum() / (test_hist / test_hist.sum())
-    return float(np.abs(shares - 1).max())
 
 
 def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: torch.device,
@@ -330,80 +283,3 @@ def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: 
     return rows
 
 
-def digit_rows(images: np.ndarray, labels: np.ndarray, per_digit: int = 10) -> np.ndarray:
-    """Ten rows, one per digit (as LeNet reads them), of the first `per_digit` images; blank where too few."""
-    rows = np.zeros((10, per_digit, *images.shape[1:]), dtype=np.uint8)
-    for digit in range(10):
-        found = images[labels == digit][:per_digit]
-        rows[digit, : len(found)] = found
-    return rows.reshape(-1, *images.shape[1:])
-
-
-def _sampler_label(name: str, steps: int, guidance: float | None) -> str:
-    """'dpm++2m-sde, 25 steps, guidance 2': guidance only where the model is conditional."""
-    return name + (f", {steps} steps" if name != "ddpm" else "") + \
-        (f", guidance {guidance:g}" if guidance is not None else "")
-
-
-def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
-    """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
-    s, counts, m, chosen = result["sampler"], result["counts"], result["memorisation"], result.get("model")
-    conditional = s.get("conditional", False)
-    sampler = _sampler_label(s["name"], s["ddim_steps"], s["guidance_scale"] if conditional else None)
-    names = {"test": "test (vs itself)", "train": "train", "generated": f"generated ({sampler})",
-             "uniform_noise": "uniform noise"}
-    rows = ["| set | images | FLD vs test | FLD / train-vs-test | nearest class-mean distance | "
-            "predicted class-mean distance |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, label in names.items():
-        rows.append(f"| {label} | {counts[name]:,} | {result['fld'][f'{name}_vs_test']:.3f} | "
-                    f"{result['fld_ratio_to_train'][f'{name}_vs_test']:.2f} | "
-                    f"{result['nearest_class_mean_distance'][name]:.4f} | "
-                    f"{result['predicted_class_mean_distance'][name]:.3f} |")
-    rows += [
-        "",
-        "Nearest class-mean distance: DenoisingDiffusion.jl's measure, min over the ten test-set class means of "
-        "|x - mean|_2 / 784 on [0, 1] pixels, averaged over the images. The original reports test 0.0080, train "
-        "0.0080, generated 0.0084 and uniform noise 0.0913 (above 28 / 784 = 0.036, the farthest any [0, 1] image "
-        "can lie from a mean, so its noise set differs from ours), and 82% of test images nearest the mean of their "
-        f"own digit; here {result['nearest_mean_label_accuracy']:.1%}. Predicted class-mean distance: this "
-        "project's own, |x - mean|_2 to the mean of the digit LeNet reads, on [-1, 1] pixels and not divided.",
-    ]
-    gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
-
-    def share_row(name: str, hist: list[int]) -> str:
-        return f"| {name} | " + " | ".join(f"{h / sum(hist):.1%}" for h in hist) + " |"
-
-    compare = result.get("compare", [])
-    shares = ["| digit | " + " | ".join(map(str, range(10))) + " |", "| --- |" + " ---: |" * 10,
-              share_row("generated", gen), *(share_row(c["name"], c["label_histogram"]) for c in compare),
-              share_row("test", test)]
-    comparison = []
-    if compare:
-        comparison = [
-            "## Samplers on the same seeds", "",
-            f"Each set beside the main set's ({sampler}) images of the same seeds: FLD depends on the set size, "
-            "so compare within a row.", "",
-            "| set | images | FLD vs test | FLD / train-vs-test | main set, same seeds | largest digit deviation | "
-            "images/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for c in compare:
-            label = _sampler_label(c["sampler"], c["steps"], c["guidance_scale"] if conditional else None)
-            comparison.append(
-                f"| {label} | {c['images']:,} | {c['fld']:.3f} | {c['fld_ratio_to_train']:.2f} | "
-                f"{c['main_fld_same_seeds']:.3f} | {c['digit_share_max_deviation']:.1%} | {c['images_per_s']:.1f} |")
-        comparison.append("")
-    return "\n".join([
-        "# mnist-ddpm evaluation", "", *rows, "", *comparison,
-        "## Digits (as the LeNet reads them)", "", *shares, "",
-        f"- label imbalance (total variation vs test): {result['label_imbalance_tv']:.4f}; largest relative "
-        f"deviation of a digit's share: {result['digit_share_max_deviation']:.1%}",
-        "", "## Memorisation", "",
-        f"- distance to the nearest of {counts['memorisation_reference']:,} training images (median): generated "
-        f"{m['generated_median_nn']:.2f}, held-out test images {m['heldout_median_nn']:.2f}",
-        f"- near-copies (closer than all but {m['heldout_share_below']:.0%} of test images, "
-        f"< {m['near_copy_threshold']:.2f}): {m['near_copy_share']:.2%} of generated images",
-        *(["", f"- model: epoch {chosen['epoch']} of {chosen['epochs']} ({chosen['reason']})"] if chosen else []),
-        "", f"- evaluator: {result['lenet']['evaluator_id']} (LeNet test accuracy "
-        f"{result['lenet']['test_accuracy']:.4f})",
-        "", *(f"- {name}: {link}" for name, link in (links or {}).items() if link),
-    ]) + "\n"
