@@ -2,7 +2,8 @@
 
 A config is a tree of dataclasses. Profiles (`smoke`, `cpu`, `gpu`) are sets of overrides on the defaults;
 a config file (TOML or JSON) and `--set section.key=value` pairs are applied on top, in that order.
-Every value is validated here, so an impossible config fails before any work starts.
+Every value is validated as it is read (`ddpm.schema`), so an impossible config fails before any work starts.
+A renamed key's old name is still read (`RENAMED_KEYS`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ddpm.config import Config, flag_names, load_config
+from ddpm.config import RENAMED_KEYS, Config, flag_names, load_config
 from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.pipeline import stages
@@ -293,7 +293,10 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
     # MLflow runs of an earlier attempt on this folder that was killed (we hold its lock, so it is not running).
     for killed in tracker.close_abandoned(str(paths.root)):
         print(f"MLflow run {killed} of an earlier, killed attempt on this run folder: marked KILLED")
-    tracker.params(tracker.parent_id, {**cfg.flat(), "tracking.mlflow_uri": masked(cfg.tracking.mlflow_uri)})
+    params = cfg.flat()
+    # A renamed key is logged under its old name too, so the MLflow UI compares runs from before the rename.
+    params.update({old: params[new] for old, new in RENAMED_KEYS.items()})
+    tracker.params(tracker.parent_id, {**params, "tracking.mlflow_uri": masked(cfg.tracking.mlflow_uri)})
     tracker.json_artifact(tracker.parent_id, "config.json",
                           {**cfg.to_dict(), "tracking": {**cfg.to_dict()["tracking"],
                                                          "mlflow_uri": masked(cfg.tracking.mlflow_uri)}})

@@ -53,6 +53,8 @@ def test_first_run_tracks_everything(runs):
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.epochs"] == "2" and parent.data.params["profile"] == "smoke"
+    # sample.steps, renamed from sample.ddim_steps, keeps its old MLflow param beside the new one.
+    assert parent.data.params["sample.steps"] == parent.data.params["sample.ddim_steps"] == "10"
     assert math.isfinite(parent.data.metrics["fld_generated"])
     assert parent.data.metrics["fld_test"] == pytest.approx(0, abs=1e-6)
     assert parent.data.metrics["fld_uniform_noise"] > parent.data.metrics["fld_train"]
