@@ -72,3 +72,11 @@ def test_every_module_says_what_it_owns(path):
 def test_modules_stay_a_size_a_reader_holds(path):
     lines = len(path.read_text().splitlines())
     assert lines <= 500, f"{module_name(path)} has {lines} lines: split it where its parts own different things"
+
+
+def test_the_config_and_the_cli_load_without_torch():
+    """Every `ddpm` command reads its config before any work, and a refusal is its whole run: importing torch
+    there (2 s) would make a 0.1 s answer twenty times slower."""
+    code = "import sys, ddpm.config, ddpm.schema, flows.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,29 +12,34 @@ only when a step needs one; `state` is the step's own memory across steps (multi
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from ddpm.samplers.ddim import ddim_step
-from ddpm.samplers.ddpm import ddpm_step
-from ddpm.samplers.dpm_solver import dpm_solver_sde_step, dpm_solver_step
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    step: Callable
+    step_path: str  # "module:function" of its step, imported when first run (see below)
     title: str  # the progress bar's label
     all_steps: bool = False  # takes every one of the T timesteps (ancestral DDPM); the others take `steps`
     options: tuple[str, ...] = ()  # keyword options its step takes from the sample config (DDIM's eta)
 
+    @property
+    def step(self) -> Callable:
+        module, function = self.step_path.split(":")
+        return getattr(importlib.import_module(module), function)
 
+
+# The steps are named, not imported: the config reads this registry for its choices, and every `ddpm` command
+# reads the config before any work, refusals included; importing the steps would import torch, 2 s of a
+# 0.1 s command (tests/test_architecture.py).
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddpm", ddpm_step, "DDPM", all_steps=True),
-    Sampler("ddim", ddim_step, "DDIM", options=("eta",)),
-    Sampler("dpm++2m", dpm_solver_step, "DPM-Solver++(2M)"),
-    Sampler("dpm++2m-sde", dpm_solver_sde_step, "DPM-Solver++(2M) SDE"),
+    Sampler("ddpm", "ddpm.samplers.ddpm:ddpm_step", "DDPM", all_steps=True),
+    Sampler("ddim", "ddpm.samplers.ddim:ddim_step", "DDIM", options=("eta",)),
+    Sampler("dpm++2m", "ddpm.samplers.dpm_solver:dpm_solver_step", "DPM-Solver++(2M)"),
+    Sampler("dpm++2m-sde", "ddpm.samplers.dpm_solver:dpm_solver_sde_step", "DPM-Solver++(2M) SDE"),
 )}
 
 _SPEC = re.compile(r"^(?P<sampler>[a-z0-9+-]+?)(?::(?P<steps>\d+))?(?:@(?P<guidance>[0-9.]+))?$")
