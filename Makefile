@@ -25,8 +25,16 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/ddpm pipeline $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The service page's test (tests/test_serve.py) drives Debian's Chromium through Playwright, which never downloads a
+# browser of its own. Installed once, as root, from Debian's packages; elsewhere install `chromium` yourself.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } || \
+	    { echo "make: Debian's chromium is missing and could not be installed: apt-get install chromium" >&2; exit 1; }
 
 # The fault tests alone (concurrent runs, a killed flow, MLflow lost mid-run, the soak); `make test` runs them too.
 test-faults: setup

@@ -2,7 +2,7 @@
 
     ddpm data --out R [--mirror DIR]     ddpm train --out R [--workers N|MIN-MAX]
     ddpm train-classifier --out R        ddpm sample --out R [--workers N]
-    ddpm evaluate --out R                ddpm pipeline [--out R]
+    ddpm evaluate --out R                ddpm pipeline [--out R] [--from-champion [--more-epochs N]]
     ddpm model-summary
 
 Every command takes --profile NAME, --config FILE and --set section.key=value. A stage run on an existing run
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--mirror", help="folder with the four gzipped IDX files")
     p.add_argument("--guidance", type=float, help="train a digit-conditional U-Net and sample with this guidance")
+    p.add_argument("--from-champion", action="store_true",
+                   help="continue the registry's champion (training state and config) for --more-epochs epochs; "
+                        "with no champion yet, train the profile from scratch")
+    p.add_argument("--more-epochs", type=int, default=2, help="epochs past the champion's (default 2)")
     p.add_argument("--verbose", action="store_true", help="show Ray Train's own INFO lines too")
     _common(sub.add_parser("model-summary", help="per-layer parameter table of the U-Net and LeNet-5"),
             needs_out=False)
@@ -141,7 +145,7 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The Prefect flow, embedded: no servers needed (ephemeral Prefect, local Ray, SQLite MLflow)."""
-    from flows.pipeline import mnist_ddpm, pipeline_config, resolve_runs_dir
+    from flows.pipeline import check_continuation, mnist_ddpm, pipeline_config, resolve_runs_dir
     from flows.preflight import check_services
     from flows.tracking import tracking_uri
 
@@ -151,13 +155,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     # A bad value, flag or service address fails here, in one line, before the flow (and Prefect's log of the
     # traceback) starts.
     cfg = pipeline_config(args.profile, args.config_file, overrides, args.guidance)
+    check_continuation(args.from_champion, args.more_epochs, args.guidance, cfg)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a run folder (new or existing)")
     check_services(tracking_uri(cfg.tracking.mlflow_uri, resolve_runs_dir(cfg, str(out.parent) if out else None)))
     mnist_ddpm(profile=args.profile, overrides=overrides, config_file=args.config_file,
                run_name=out.name if out else None, runs_dir=str(out.parent) if out else None,
-               guidance_scale=args.guidance, verbose=args.verbose)
+               guidance_scale=args.guidance, verbose=args.verbose, from_champion=args.from_champion,
+               more_epochs=args.more_epochs)
 
 
 class Terminated(KeyboardInterrupt):

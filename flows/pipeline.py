@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ddpm.config import RENAMED_KEYS, Config, flag_names, load_config
+from ddpm.config import RENAMED_KEYS, Config, ConfigError, flag_names, load_config
 from ddpm.errors import UserError
 from ddpm.models import LeNet5, build_unet, count_parameters
 from ddpm.pipeline import stages
+from ddpm.pipeline.continuation import (
+    continued_config,
+    parent_state,
+    read_lineage,
+    record_cold_start,
+    seed_run_folder,
+)
 from ddpm.pipeline.epoch_fld import selection
 from ddpm.pipeline.locks import exclusive
-from ddpm.pipeline.run_folder import RunPaths, commit_config
+from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, commit_config, read_json
 from flows.mlflow_writer import epoch_metrics_for_tracking
 from flows.preflight import check_services
 from flows.tracking import Tracker, TrackingLostError, check_promotion, masked, tracking_uri, ui_hint
@@ -199,16 +207,26 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
 
 @stage_task("register-and-promote", retries=2)
 def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[str, Any],
-                  evaluator_version: str, promotion: str) -> dict[str, Any]:
+                  evaluator_version: str, promotion: str, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     with Stage(tracker, "register") as run_id:
         fld = result["fld"]["generated_vs_test"]
         evaluator_id = result["lenet"]["evaluator_id"]
+        epoch = (result.get("model") or {}).get("epoch")
+        # The exported epoch's training state goes into the registry beside its sampling weights: a retrain
+        # continues it from there (`continue_champion`).
+        state = paths.epoch_checkpoint(epoch) if epoch is not None else None
+        state = state if state is not None and state.is_file() else None
+        steps = {h["epoch"]: h.get("step") for h in read_json(paths.history, HISTORY_REMAKE, list, ("epoch",))}
+        lineage_tags = {key: value for key, value in (lineage or {}).items()
+                        if key in ("parent_version", "lineage") and value is not None}
         # Logged under the parent run, so the run's "Logged models" shows the U-Net it produced.
         version = tracker.register_unet(tracker.parent_id, paths.model, {
             "fld": fld, "evaluator_id": evaluator_id, "evaluator_version": evaluator_version,
             "pipeline_run_id": tracker.parent_id, "profile": cfg.profile,
-            "model_epoch": (result.get("model") or {}).get("epoch", "unknown"),
-        }, description=version_description(result, cfg))
+            "model_epoch": epoch if epoch is not None else "unknown", "total_steps": steps.get(epoch, "unknown"),
+            **lineage_tags,
+        }, description=version_description(result, cfg), training_state=state)
+        tracker.tag(tracker.parent_id, {"total_steps": steps.get(epoch, "unknown")})
         if version is None:  # MLflow went away (the flow reports it at the end)
             return {"promoted": False, "reason": "not registered: MLflow did not answer", "version": None}
         decision = tracker.decide_promotion(version, fld, evaluator_id, promotion)
@@ -264,15 +282,19 @@ def mnist_ddpm(
     promotion: str = "if_better",
     guidance_scale: float | None = None,
     verbose: bool = False,
+    from_champion: bool = False,
+    more_epochs: int = 2,
 ) -> dict[str, Any]:
     """The whole pipeline. `profile`: original | gpu | cpu | smoke; `overrides`: {"train.epochs": "3", ...};
     `run_name`: reuse one to resume a crashed run; `promotion`: if_better | never; `guidance_scale`: train a
     digit-conditional U-Net (label dropout train.p_uncond, a null label) and sample with this guidance;
-    `verbose`: Ray Train's own INFO lines too."""
+    `verbose`: Ray Train's own INFO lines too; `from_champion`: continue the registry's champion (its training
+    state and config) for `more_epochs` more epochs, or, with no champion yet, train `profile` from scratch."""
     from prefect.runtime import flow_run
 
     cfg = pipeline_config(profile, config_file, overrides, guidance_scale)
     check_promotion(promotion)  # before any compute, not only when the register stage gets to it
+    check_continuation(from_champion, more_epochs, guidance_scale, cfg)
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"
     paths = RunPaths(runs / run_name)
@@ -281,11 +303,53 @@ def mnist_ddpm(
     # One pipeline per run folder: a second one with the same run name would overwrite the first's checkpoints.
     # The lock dies with its holder, so a killed run's rerun takes it at once.
     with exclusive(runs / f".{run_name}.lock", f"the run folder {paths.root}", wait=False):
-        return _pipeline(cfg, paths, uri, promotion, str(flow_run.get_id()), verbose)
+        continuation = {"config_file": config_file, "overrides": overrides or {}, "more_epochs": more_epochs} \
+            if from_champion else None
+        return _pipeline(cfg, paths, uri, promotion, str(flow_run.get_id()), verbose, continuation)
+
+
+def check_continuation(from_champion: bool, more_epochs: int, guidance_scale: float | None, cfg: Config) -> None:
+    if not from_champion:
+        return
+    if more_epochs < 1:
+        raise ConfigError(f"--more-epochs {more_epochs}: a continued run trains at least one more epoch")
+    if guidance_scale is not None:
+        raise ConfigError("--guidance with --from-champion: the champion's config decides whether it is "
+                          "conditional; set the sampling guidance with --set sample.guidance_scale=W")
+    if not cfg.tracking.register_models:
+        raise ConfigError("--from-champion needs the model registry: drop tracking.register_models=false")
+
+
+def continue_champion(tracker: Tracker, here: Config, paths: RunPaths, config_file: str | None,
+                      overrides: dict[str, str], more_epochs: int) -> tuple[Config, dict[str, Any]]:
+    """The run's config and lineage when it continues the champion: the champion's training state, downloaded
+    from the registry, seeds the run folder (`ddpm.pipeline.continuation`). With no champion yet, or one
+    registered without its training state, the run trains `here` from scratch and the lineage says so."""
+    lineage = read_lineage(paths)  # a rerun of a continued run continues the same parent
+    version = lineage["parent_version"] if lineage else (tracker.champion() or {}).get("version")
+    if version is None:
+        lineage = record_cold_start(paths, "cold start: no champion yet, trained from scratch")
+        print(lineage["lineage"])
+        return here, lineage
+    with tempfile.TemporaryDirectory() as tmp:
+        state_path = tracker.training_state(version, Path(tmp))
+        if state_path is None:
+            lineage = record_cold_start(paths, f"from scratch: champion v{version} was registered without its "
+                                               "training state")
+            print(lineage["lineage"])
+            return here, lineage
+        state, parent = parent_state(state_path)
+        cfg = continued_config(parent, state["epoch"], here, config_file, overrides, more_epochs)
+        lineage = seed_run_folder(paths, state_path, {
+            "parent_version": version, "parent_epoch": state["epoch"], "parent_steps": state["step"],
+            "lineage": f"continued v{version} after its epoch {state['epoch']} ({state['step']} optimizer steps) "
+                       f"for {more_epochs} more epoch{'s' if more_epochs > 1 else ''}"})
+    print(f"{lineage['lineage']}; epochs {lineage['parent_epoch'] + 1}..{cfg.train.epochs}")
+    return cfg, lineage
 
 
 def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_id: str,
-              verbose: bool = False) -> dict[str, Any]:
+              verbose: bool = False, continuation: dict[str, Any] | None = None) -> dict[str, Any]:
     runs, run_name = paths.root.parent, paths.root.name
     tracker = Tracker.start(uri, cfg.tracking.experiment, run_name, runs, tags={
         "profile": cfg.profile, "run_dir": str(paths.root), "prefect_flow_run_id": flow_run_id,
@@ -293,6 +357,10 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
     # MLflow runs of an earlier attempt on this folder that was killed (we hold its lock, so it is not running).
     for killed in tracker.close_abandoned(str(paths.root)):
         print(f"MLflow run {killed} of an earlier, killed attempt on this run folder: marked KILLED")
+    lineage: dict[str, Any] = {}
+    if continuation is not None:
+        cfg, lineage = continue_champion(tracker, cfg, paths, **continuation)
+        tracker.tag(tracker.parent_id, {key: value for key, value in lineage.items() if value is not None})
     params = cfg.flat()
     # A renamed key is logged under its old name too, so the MLflow UI compares runs from before the rename.
     params.update({old: params[new] for old, new in RENAMED_KEYS.items()})
@@ -310,7 +378,7 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
         sample_task(cfg, paths, tracker)
         result = evaluate_task(cfg, paths, tracker, lenet["evaluator_version"])
         if cfg.tracking.register_models:
-            decision = register_task(cfg, paths, tracker, result, lenet["evaluator_version"], promotion)
+            decision = register_task(cfg, paths, tracker, result, lenet["evaluator_version"], promotion, lineage)
         else:
             decision = {"promoted": False, "reason": "tracking.register_models=false", "version": None}
     except BaseException:

@@ -37,6 +37,7 @@ LENET_MODEL = "mnist-lenet"
 CHAMPION = "champion"
 EVALUATOR_ALIAS = "evaluator"
 PROMOTION_POLICIES = ("if_better", "never")
+TRAINING_STATE_ARTIFACT = "training_state"  # the pyfunc artifact a continued run starts from
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars per artifact flood the flow log
 PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency inference takes >10 s
 
@@ -150,6 +151,23 @@ class LeNetClassifier(mlflow.pyfunc.PythonModel):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 28, 28)
         with torch.no_grad():
             return self.model(x).argmax(1).numpy()
+
+
+def download_training_state(uri: str, version: str, dest: Path) -> Path | None:
+    """The `training_state` artifact of U-Net version `version` in the registry at `uri`, downloaded under
+    `dest` (None if that version has none)."""
+    from mlflow.models import Model
+
+    with using_tracking_uri(uri):
+        mlflow.set_registry_uri(uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{UNET_MODEL}/{version}", dst_path=str(dest)))
+        finally:
+            mlflow.set_registry_uri(None)
+    artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
+    if TRAINING_STATE_ARTIFACT not in artifacts:
+        return None
+    return local / artifacts[TRAINING_STATE_ARTIFACT]["path"]
 
 
 class TrackingLostError(UserError):
@@ -266,9 +284,16 @@ class Tracker(Writer):
         return version
 
     @guarded(lambda self, run_id, *a, **k: f"{self.stage_of(run_id)}: register {UNET_MODEL}")
-    def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any], description: str = "") -> str:
-        info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(),
-                           artifacts={"model": str(model_path)}, registered_model_name=UNET_MODEL)
+    def register_unet(self, run_id: str, model_path: Path, tags: dict[str, Any], description: str = "",
+                      training_state: Path | None = None) -> str:
+        """A new version of the U-Net: its sampling weights (`model`), and the training state of the same epoch
+        (`training_state`: weights, EMA, optimizer, step, config), so that a later run can continue it from the
+        registry alone (`champion_training_state`), whether or not this run's folder still exists."""
+        artifacts = {"model": str(model_path)}
+        if training_state is not None:
+            artifacts[TRAINING_STATE_ARTIFACT] = str(training_state)
+        info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(), artifacts=artifacts,
+                           registered_model_name=UNET_MODEL)
         version = str(info.registered_model_version)
         for key, value in tags.items():
             self.client.set_model_version_tag(UNET_MODEL, version, key, str(value))
@@ -290,11 +315,20 @@ class Tracker(Writer):
                                                      [InputTag("mlflow.data.context", "training")])])
 
     def champion(self) -> dict[str, Any] | None:
+        """The champion version's number and tags; None when there is none yet (a lookup that fails for another
+        reason, such as MLflow not answering, raises: "no champion" would start a retrain from scratch)."""
         try:
             mv = self.client.get_model_version_by_alias(UNET_MODEL, CHAMPION)
-        except mlflow.exceptions.MlflowException:
-            return None
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias
+                return None
+            raise
         return {"version": str(mv.version), **mv.tags}
+
+    def training_state(self, version: str, dest: Path) -> Path | None:
+        """Download version `version`'s training state under `dest`; None for a version registered without one
+        (before the registry kept them)."""
+        return download_training_state(self.uri, version, dest)
 
     def decide_promotion(self, version: str, fld: float, evaluator_id: str, policy: str = "if_better"
                          ) -> dict[str, Any]:

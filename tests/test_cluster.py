@@ -188,6 +188,7 @@ def test_real_cluster_prefect_files_deploy(cluster):
         assert dep["entrypoint"] == "flows/pipeline.py:mnist_ddpm" and dep["work_pool_name"] == "mnist-ddpm"
     assert [s["schedule"]["cron"] for s in deployments["retrain"]["schedules"]] == ["0 3 * * 1"]
     assert deployments["retrain"]["parameters"]["promotion"] == "if_better"
+    assert deployments["retrain"]["parameters"]["from_champion"] is True  # a retrain continues the champion
 
 
 @pytest.fixture

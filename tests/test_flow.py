@@ -1,7 +1,8 @@
 """The Prefect flow in embedded mode (ephemeral Prefect, local Ray, MLflow on SQLite), smoke profile.
 
-One module-scoped sequence: a first run, a rerun with the same inputs (data and LeNet come from the cache, the
-evaluator stays the same, promotion follows the FLD), and a resume of the first run with one more epoch.
+One module-scoped sequence: a first run asked to continue the champion while there is none (a cold start), a
+retrain that continues it for one more epoch (data and LeNet come from the cache, the evaluator stays the same,
+promotion follows the FLD), and a resume of the first run with one more epoch.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def runs(tmp_path_factory, mirror):
     root = tmp_path_factory.mktemp("runs")
     common = {"profile": "smoke", "runs_dir": str(root)}
     overrides = {"data.mirror": str(mirror)}
-    first = mnist_ddpm(run_name="first", overrides=overrides, **common)
-    second = mnist_ddpm(run_name="second", overrides=overrides, **common)
+    first = mnist_ddpm(run_name="first", overrides=overrides, from_champion=True, **common)
+    second = mnist_ddpm(run_name="second", overrides=overrides, from_champion=True, more_epochs=1, **common)
     resumed = mnist_ddpm(run_name="first", overrides={**overrides, "train.epochs": "3"}, **common)
     yield root, first, second, resumed
     shutdown_ray()
@@ -138,6 +139,40 @@ def test_rerun_reuses_cached_data_and_lenet(runs):
     assert one["train-lenet"].data.tags["cached"] == "False" and two["train-lenet"].data.tags["cached"] == "True"
     # Same data, same evaluator: the two runs' baselines agree exactly.
     assert first["fld"]["train_vs_test"] == second["fld"]["train_vs_test"]
+
+
+def test_retrain_continues_the_champion_and_records_its_lineage(runs, tmp_path):
+    from flows.tracking import download_training_state
+
+    root, first, second, _ = runs
+    client = MlflowClient(first["tracking_uri"])
+    # The first run found no champion: it trained from scratch, and says so.
+    assert json.loads((root / "first" / "lineage.json").read_text())["parent_version"] is None
+    v1 = client.get_model_version("mnist-ddpm-unet", "1")
+    assert v1.tags["lineage"].startswith("cold start") and "parent_version" not in v1.tags
+    # The registry holds v1's training state: the checkpoint of the epoch v1 exported, byte for byte.
+    parent_epoch = int(v1.tags["model_epoch"])
+    state = download_training_state(first["tracking_uri"], "1", tmp_path)
+    checkpoint = root / "first" / "unet" / "checkpoints" / f"epoch_{parent_epoch:03d}.pt"
+    assert state.read_bytes() == checkpoint.read_bytes()
+    first_history = {h["epoch"]: h for h in json.loads((root / "first" / "unet" / "history.json").read_text())}
+    assert int(v1.tags["total_steps"]) == first_history[parent_epoch]["step"]
+
+    # The retrain continued v1 from that state: one more epoch, numbered on, its optimizer steps counted on.
+    lineage = json.loads((root / "second" / "lineage.json").read_text())
+    assert lineage["parent_version"] == "1" and lineage["parent_epoch"] == parent_epoch
+    assert lineage["parent_steps"] == first_history[parent_epoch]["step"]
+    history = json.loads((root / "second" / "unet" / "history.json").read_text())
+    steps_per_epoch = first_history[1]["step"]
+    assert [h["epoch"] for h in history] == [parent_epoch + 1]
+    assert history[0]["step"] == lineage["parent_steps"] + steps_per_epoch
+    assert not (root / "second" / "unet" / "checkpoints" / "epoch_001.pt").exists()  # not trained from scratch
+    parent = client.get_run(second["mlflow_run_id"])
+    assert parent.data.params["train.epochs"] == str(parent_epoch + 1)
+    assert parent.data.tags["parent_version"] == "1" and parent.data.tags["lineage"].startswith("continued v1")
+    v2 = client.get_model_version("mnist-ddpm-unet", "2")
+    assert v2.tags["parent_version"] == "1" and int(v2.tags["total_steps"]) == history[0]["step"]
+    assert parent.data.tags["total_steps"] == v2.tags["total_steps"]
 
 
 def test_rerun_with_same_name_resumes_unet(runs):

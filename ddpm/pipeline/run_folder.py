@@ -15,6 +15,7 @@ leave the same files:
     R/samples/sampling.json           how they were made: sampler, steps, guidance, seconds
     R/samples.png, R/reverse_process.gif, R/loss_curves.png, R/label_histogram.png, R/samples_by_digit.png
     R/evaluation.json, R/evaluation.md
+    R/lineage.json                    a run continued from another model: its version, epoch and steps
 
 Files are written atomically (ddpm.checkpoints), and `config.json` only after a stage succeeds, so a stage that
 fails leaves the folder as it was, apart from finished work it keeps on purpose (completed epochs' checkpoints).
@@ -56,6 +57,7 @@ class RunPaths:
     samples_by_digit_png = property(lambda self: self.root / "samples_by_digit.png")
     evaluation = property(lambda self: self.root / "evaluation.json")
     evaluation_md = property(lambda self: self.root / "evaluation.md")
+    lineage = property(lambda self: self.root / "lineage.json")  # ddpm.pipeline.continuation
     unlogged = property(lambda self: self.root / "unlogged.json")  # what a tracking outage kept out of MLflow
 
     def compare_set(self, name: str) -> Path:
