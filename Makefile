@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup run test test-faults lint bench clean
+.PHONY: setup run test test-faults lint bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py
+
+# `ddpm serve` under load (200 requests from 1, then 16 clients): latency percentiles, requests/s, images/s and
+# batch sizes -> bench/serve.json. Starts its own service on a registry of its own unless ARGS="--url URL".
+bench-serve: setup
+	$(BIN)/python bench/serve.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,7 +3,7 @@
     ddpm data --out R [--mirror DIR]     ddpm train --out R [--workers N|MIN-MAX]
     ddpm train-classifier --out R        ddpm sample --out R [--workers N]
     ddpm evaluate --out R                ddpm pipeline [--out R] [--from-champion [--more-epochs N]]
-    ddpm model-summary
+    ddpm model-summary                   ddpm serve [--port 8000] [--mlflow URI]
 
 Every command takes --profile NAME, --config FILE and --set section.key=value. A stage run on an existing run
 folder starts from that run's saved config.json unless --profile is given.
@@ -69,7 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Ray Train's own INFO lines too")
     _common(sub.add_parser("model-summary", help="per-layer parameter table of the U-Net and LeNet-5"),
             needs_out=False)
+    p = sub.add_parser("serve", help="serve the registry's champion U-Net over HTTP on Ray Serve")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
+    p.add_argument("--port", type=_within(int, 1, 65535), default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--mlflow", help="tracking URI of the registry (default $MLFLOW_TRACKING_URI, else the "
+                                    "SQLite store under the runs folder)")
+    p.add_argument("--runs-dir", help="runs folder of the default SQLite store (default $MNIST_DDPM_RUNS_DIR or runs)")
+    p.add_argument("--poll-s", type=_within(float, 0.1, 3600), default=5.0,
+                   help="seconds between checks of the champion alias (default 5)")
+    p.add_argument("--max-images", type=_within(int, 1, 1024), default=64, help="most images a request may ask")
+    p.add_argument("--max-steps", type=_within(int, 1, 10_000), default=100,
+                   help="most network evaluations per image a request may ask (default 100)")
+    p.add_argument("--replicas", type=_within(int, 1, 64), default=1, help="Serve replicas (default 1)")
+    p.add_argument("--replica-cpus", type=_within(float, 0, 64), default=0.0,
+                   help="Ray CPUs each replica holds (default 0: none, so training beside it is not starved)")
     return parser
+
+
+def _within(kind: type, low: float, high: float):
+    """An argparse type: a `kind` number in [low, high], else argparse's one-line refusal."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not low <= value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{text} must be in [{low:g}, {high:g}]")
+        return value
+
+    return parse
 
 
 def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
@@ -145,9 +174,9 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The Prefect flow, embedded: no servers needed (ephemeral Prefect, local Ray, SQLite MLflow)."""
-    from flows.pipeline import check_continuation, mnist_ddpm, pipeline_config, resolve_runs_dir
+    from flows.pipeline import check_continuation, mnist_ddpm, pipeline_config
     from flows.preflight import check_services
-    from flows.tracking import tracking_uri
+    from flows.tracking import resolve_runs_dir, tracking_uri
 
     overrides = parse_overrides(args.overrides)
     if args.mirror:
@@ -164,6 +193,21 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                run_name=out.name if out else None, runs_dir=str(out.parent) if out else None,
                guidance_scale=args.guidance, verbose=args.verbose, from_champion=args.from_champion,
                more_epochs=args.more_epochs)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """`ddpm serve`: blocks until SIGTERM or Ctrl-C (flows/model_service.py)."""
+    from flows.model_requests import Limits
+    from flows.model_service import ServiceOptions, serve_until_stopped
+    from flows.preflight import check_mlflow
+    from flows.tracking import resolve_runs_dir, tracking_uri
+
+    uri = tracking_uri(args.mlflow or "", resolve_runs_dir(Config(), args.runs_dir))
+    check_mlflow(uri)  # one bounded attempt; MLflow's own client would retry for minutes
+    serve_until_stopped(ServiceOptions(
+        tracking_uri=uri, host=args.host, port=args.port, poll_s=args.poll_s,
+        limits=Limits(max_images=args.max_images, max_steps=args.max_steps), replicas=args.replicas,
+        replica_cpus=args.replica_cpus))
 
 
 class Terminated(KeyboardInterrupt):
@@ -188,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_model_summary(resolve_config(args, None))
         elif args.command == "pipeline":
             cmd_pipeline(args)
+        elif args.command == "serve":
+            cmd_serve(args)
         else:
             if not args.out:
                 raise ConfigError(f"`ddpm {args.command}` needs --out RUN_DIR (the run folder the stages share)")

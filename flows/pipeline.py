@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +39,15 @@ from ddpm.pipeline.locks import exclusive
 from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, commit_config, read_json
 from flows.mlflow_writer import epoch_metrics_for_tracking
 from flows.preflight import check_services
-from flows.tracking import Tracker, TrackingLostError, check_promotion, masked, tracking_uri, ui_hint
+from flows.tracking import (
+    Tracker,
+    TrackingLostError,
+    check_promotion,
+    masked,
+    resolve_runs_dir,
+    tracking_uri,
+    ui_hint,
+)
 
 
 class _RefusalsWithoutTraceback(logging.Filter):
@@ -246,10 +253,6 @@ def version_description(result: dict[str, Any], cfg: Config) -> str:
     return (f"FLD {fld:.3f} against the test set ({ratio:.2f}x train-vs-test) on {result['counts']['generated']:,} "
             f"{s['name']} samples, profile {cfg.profile}{epoch}; label imbalance {result['label_imbalance_tv']:.3f}; "
             f"near-copies {result['memorisation']['near_copy_share']:.2%}; evaluator {result['lenet']['evaluator_id']}")
-
-
-def resolve_runs_dir(cfg: Config, runs_dir: str | None) -> Path:
-    return Path(runs_dir or os.environ.get("MNIST_DDPM_RUNS_DIR") or cfg.runs_dir).resolve()
 
 
 def pipeline_config(profile: str | None, config_file: str | None, overrides: dict[str, str] | None,

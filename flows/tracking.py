@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ddpm.checkpoints import write_json
-from ddpm.config import ConfigError
+from ddpm.config import Config, ConfigError
 from ddpm.errors import UserError
 from ddpm.pipeline.locks import exclusive
 from flows.mlflow_writer import Writer, guarded
@@ -45,6 +45,11 @@ PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency 
 def tracking_uri(configured: str, runs_dir: Path) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the runs (embedded mode)."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve()}/mlflow.db"
+
+
+def resolve_runs_dir(cfg: Config, runs_dir: str | None) -> Path:
+    """The runs folder: the argument, else $MNIST_DDPM_RUNS_DIR, else `runs_dir` of the config."""
+    return Path(runs_dir or os.environ.get("MNIST_DDPM_RUNS_DIR") or cfg.runs_dir).resolve()
 
 
 def check_promotion(policy: str) -> None:
@@ -153,21 +158,39 @@ class LeNetClassifier(mlflow.pyfunc.PythonModel):
             return self.model(x).argmax(1).numpy()
 
 
-def download_training_state(uri: str, version: str, dest: Path) -> Path | None:
-    """The `training_state` artifact of U-Net version `version` in the registry at `uri`, downloaded under
-    `dest` (None if that version has none)."""
+def champion_version(client: MlflowClient):
+    """The U-Net version the `champion` alias names; None when there is none yet. A lookup that fails for
+    another reason (MLflow not answering) raises: read as "no champion", it would start a retrain from scratch
+    or promote any model."""
+    try:
+        return client.get_model_version_by_alias(UNET_MODEL, CHAMPION)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias
+            return None
+        raise
+
+
+def version_artifact(client: MlflowClient, version: str, name: str, dest: Path) -> Path | None:
+    """Artifact `name` (`model`, `training_state`) of U-Net version `version`, downloaded under `dest`: the
+    version's MLmodel names the file, and only that file is fetched. None for a version registered without it.
+    Not through `models:/name/version`: MLflow 3.17 resolves that in the process's default registry, whatever
+    tracking URI the call names (it created a SQLite store in the working directory)."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
-    with using_tracking_uri(uri):
-        mlflow.set_registry_uri(uri)
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{UNET_MODEL}/{version}", dst_path=str(dest)))
-        finally:
-            mlflow.set_registry_uri(None)
-    artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
-    if TRAINING_STATE_ARTIFACT not in artifacts:
+    source = client.get_model_version_download_uri(UNET_MODEL, version).rstrip("/")
+    uri = client.tracking_uri
+    spec = Model.load(download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=str(dest), tracking_uri=uri))
+    artifacts = spec.flavors["python_function"].get("artifacts", {})
+    if name not in artifacts:
         return None
-    return local / artifacts[TRAINING_STATE_ARTIFACT]["path"]
+    return Path(download_artifacts(artifact_uri=f"{source}/{artifacts[name]['path']}", dst_path=str(dest),
+                                   tracking_uri=uri))
+
+
+def download_training_state(uri: str, version: str, dest: Path) -> Path | None:
+    """The training state of U-Net version `version` in the registry at `uri` (None if it has none)."""
+    return version_artifact(MlflowClient(tracking_uri=uri, registry_uri=uri), version, TRAINING_STATE_ARTIFACT, dest)
 
 
 class TrackingLostError(UserError):
@@ -315,20 +338,14 @@ class Tracker(Writer):
                                                      [InputTag("mlflow.data.context", "training")])])
 
     def champion(self) -> dict[str, Any] | None:
-        """The champion version's number and tags; None when there is none yet (a lookup that fails for another
-        reason, such as MLflow not answering, raises: "no champion" would start a retrain from scratch)."""
-        try:
-            mv = self.client.get_model_version_by_alias(UNET_MODEL, CHAMPION)
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, or no alias
-                return None
-            raise
-        return {"version": str(mv.version), **mv.tags}
+        """The champion version's number and tags; None when there is none yet (`champion_version`)."""
+        mv = champion_version(self.client)
+        return None if mv is None else {"version": str(mv.version), **mv.tags}
 
     def training_state(self, version: str, dest: Path) -> Path | None:
         """Download version `version`'s training state under `dest`; None for a version registered without one
         (before the registry kept them)."""
-        return download_training_state(self.uri, version, dest)
+        return version_artifact(self.client, version, TRAINING_STATE_ARTIFACT, dest)
 
     def decide_promotion(self, version: str, fld: float, evaluator_id: str, policy: str = "if_better"
                          ) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The local cluster: a Ray head, a Prefect server, an MLflow server and the process serving the Prefect deployments.
+"""The local cluster: a Ray head, a Prefect server, an MLflow server, the process serving the Prefect deployments,
+and the champion U-Net served over HTTP by Ray Serve on the head (`ddpm serve`).
 
     infra/cluster.sh up | down | status        (or: make cluster-up, make cluster-down, make cluster-status)
 
@@ -66,6 +67,7 @@ class Settings:
     ray_agent_port: int
     prefect_port: int
     mlflow_port: int
+    model_port: int
     num_cpus: int
     start_timeout: float
     stop_timeout: float
@@ -81,6 +83,7 @@ class Settings:
             ray_agent_port=_env_int("RAY_DASHBOARD_AGENT_PORT", 52365),
             prefect_port=_env_int("PREFECT_PORT", 4200),
             mlflow_port=_env_int("MLFLOW_PORT", 5000),
+            model_port=_env_int("MODEL_SERVE_PORT", 8000),
             num_cpus=_env_int("RAY_NUM_CPUS", os.cpu_count() or 1),
             start_timeout=_env_float("CLUSTER_START_TIMEOUT", 120.0),
             stop_timeout=_env_float("CLUSTER_STOP_TIMEOUT", 30.0),
@@ -138,6 +141,10 @@ class Settings:
     @property
     def mlflow_url(self) -> str:
         return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def model_url(self) -> str:
+        return f"http://{HOST}:{self.model_port}"
 
     @property
     def dashboard_url(self) -> str:
@@ -429,12 +436,25 @@ def _serve_healthy(s: Settings) -> bool:
     return True
 
 
+def _model_command(s: Settings) -> list[str]:
+    # Polls the registry every 5 s: a promotion reaches the service within seconds (flows/model_service.py).
+    return [str(BIN / "ddpm"), "serve", "--host", HOST, "--port", str(s.model_port), "--poll-s", "5"]
+
+
+def _model_healthy(s: Settings) -> bool:
+    """The Serve app answers /health (with a champion or, before the first run promotes one, without)."""
+    status, _ = http(f"{s.model_url}/health")
+    return status == 200
+
+
 SERVE = Service("serve", "", [], _serve_command, _serve_env, _serve_healthy)
+MODEL = Service("model", "", [], _model_command, _serve_env, _model_healthy)
 SERVICES = [
     Service("ray", "", [], _ray_command, _ray_env, _ray_healthy, _ray_prepare, _ray_final_check),
     Service("prefect", "", [], _prefect_command, _prefect_env, _prefect_healthy),
     Service("mlflow", "", [], _mlflow_command, _mlflow_env, _mlflow_healthy),
     SERVE,
+    MODEL,
 ]
 
 
@@ -449,6 +469,8 @@ def _describe(s: Settings) -> None:
     by["mlflow"].url = s.mlflow_url
     by["mlflow"].ports = [(s.mlflow_port, "MLFLOW_PORT")]
     by["serve"].url = f"{s.prefect_url}/deployments (mnist-ddpm/{', mnist-ddpm/'.join(DEPLOYMENTS)})"
+    by["model"].url = f"{s.model_url} (the champion U-Net, Ray Serve)"
+    by["model"].ports = [(s.model_port, "MODEL_SERVE_PORT")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -599,6 +621,7 @@ Local cluster up in {time.monotonic() - t0:.1f} s (state in {s.cluster_dir}, log
   MLflow UI       {s.mlflow_url}
   Ray dashboard   {s.dashboard_url}   (token: {s.ray_token})
   Ray address     {s.ray_address}
+  Digits          {s.model_url}   (the champion U-Net; /generate?n=16&digit=3, /health, /version)
 Next:
   . {shlex.quote(env_path)} && prefect deployment run mnist-ddpm/full --param profile=smoke --watch""")
 

@@ -8,6 +8,7 @@
 #   4. the tiny pipeline on CUDA: bf16 training in-process and through Ray Train (use_gpu, NCCL), GPU sampling
 #      actors, evaluation;
 #   5. `make bench`'s GPU column (project, eager, diffusers) and bench/variants.py on CUDA;
+#   6. `ddpm serve` with its replica on the GPU (bench/serve.py: latency and images/s from 1 and 16 clients);
 # then writes $OUT/gpu_check.json with every figure and the seconds and exit status of each part. A failing
 # part does not stop the others (a loan is short): the JSON says which failed, and the script exits non-zero.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (needs a CUDA device and the project's venv or an equivalent env)
@@ -67,6 +68,7 @@ PYTHON
 part tiny-pipeline tiny
 part bench bash -c "'$PY' bench/bench.py --out '$OUT/bench.json' | tail -30"
 part variants "$PY" bench/variants.py --device cuda --out "$OUT/variants_cuda.json"
+part serve "$PY" bench/serve.py --profile cpu --requests 100 --out "$OUT/serve.json"
 
 PARTS=$(for k in "${!STATUS_OF[@]}"; do echo "$k=${STATUS_OF[$k]}:${SECONDS_OF[$k]}"; done)
 "$PY" - "$OUT" $PARTS <<'PY'
@@ -82,6 +84,7 @@ def read(path):
 
 report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parts": parts,
           "fast_path": read("fast_path.json"), "bench": read("bench.json"), "variants_cuda": read("variants_cuda.json"),
+          "serve": read("serve.json"),
           "tiny_pipeline_fld": (read("tiny/evaluation.json") or {}).get("fld")}
 evaluation, history = read("gpu-profile/evaluation.json"), read("gpu-profile/unet/history.json")
 if evaluation and history:

@@ -26,7 +26,7 @@ from netcheck import free_ports, is_loopback, listeners_of
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
-SERVICES = ("ray", "prefect", "mlflow", "serve")
+SERVICES = ("ray", "prefect", "mlflow", "serve", "model")
 
 # The cluster tests are `slow` (about a minute together; CI runs them). No test here is ever skipped.
 pytestmark = pytest.mark.timeout(600)
@@ -56,16 +56,16 @@ def pids(cluster_dir: Path) -> dict[str, int]:
 def cluster(tmp_path_factory):
     # A long temporary path on purpose: Ray's temp dir then goes through the short link of cluster.py.
     cluster_dir = tmp_path_factory.mktemp("cluster") / "state"
-    ray, dash, client, agent, prefect, mlflow = free_ports(6)
+    ray, dash, client, agent, prefect, mlflow, model = free_ports(7)
     env = {**os.environ, "CLUSTER_DIR": str(cluster_dir), "RAY_PORT": str(ray), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_CLIENT_PORT": str(client), "RAY_DASHBOARD_AGENT_PORT": str(agent), "PREFECT_PORT": str(prefect),
-           "MLFLOW_PORT": str(mlflow), "CLUSTER_START_TIMEOUT": "150"}
+           "MLFLOW_PORT": str(mlflow), "MODEL_SERVE_PORT": str(model), "CLUSTER_START_TIMEOUT": "150"}
     for var in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # a sourced .cluster/env must not leak in
         env.pop(var, None)
     t0 = time.monotonic()
     up = run_cluster(env, "up")
     info = {"env": env, "dir": cluster_dir, "up": up, "up_seconds": time.monotonic() - t0,
-            "ports": {"ray": ray, "dashboard": dash, "prefect": prefect, "mlflow": mlflow}}
+            "ports": {"ray": ray, "dashboard": dash, "prefect": prefect, "mlflow": mlflow, "model": model}}
     try:
         yield info
     finally:
@@ -79,11 +79,15 @@ def test_up_starts_every_service_healthy_on_loopback(cluster):
     assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
     print(f"cluster up in {cluster['up_seconds']:.1f} s")
     for url in (f"http://127.0.0.1:{ports['prefect']}", f"http://127.0.0.1:{ports['mlflow']}",
-                f"http://127.0.0.1:{ports['dashboard']}", "prefect deployment run mnist-ddpm/full"):
+                f"http://127.0.0.1:{ports['dashboard']}", f"http://127.0.0.1:{ports['model']}",
+                "prefect deployment run mnist-ddpm/full"):
         assert url in up.stdout
     assert get(f"http://127.0.0.1:{ports['dashboard']}/api/gcs_healthz") == (200, "success")
     assert get(f"http://127.0.0.1:{ports['prefect']}/api/health") == (200, "true")
     assert get(f"http://127.0.0.1:{ports['mlflow']}/health") == (200, "OK")
+    # The model service answers before any run has promoted a champion, and says it has none yet.
+    status, body = get(f"http://127.0.0.1:{ports['model']}/health")
+    assert status == 200 and json.loads(body)["version"] is None
     for name in ("full", "retrain"):
         status, body = get(f"http://127.0.0.1:{ports['prefect']}/api/deployments/name/mnist-ddpm/{name}")
         assert status == 200 and json.loads(body)["name"] == name
@@ -125,7 +129,7 @@ def test_second_up_is_idempotent(cluster):
     assert set(before) == set(SERVICES)
     again = run_cluster(cluster["env"], "up", timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("already running") == 4, again.stdout
+    assert again.stdout.count("already running") == len(SERVICES), again.stdout
     assert pids(cluster["dir"]) == before
 
 
@@ -242,7 +246,7 @@ def test_down_stops_exactly_our_processes(cluster, outside_ray):
     again = run_cluster(cluster["env"], "down", timeout=60)
     assert again.returncode == 0 and "Nothing to stop" in again.stdout
     status = run_cluster(cluster["env"], "status", timeout=60)
-    assert status.returncode == 0 and status.stdout.count(" stopped ") == 4
+    assert status.returncode == 0 and status.stdout.count(" stopped ") == len(SERVICES)
 
 
 def test_stale_pid_file_is_not_taken_for_ours(tmp_path):

@@ -81,3 +81,19 @@ def test_cli_refuses_guidance_with_from_champion_in_one_line(capsys):
     assert err.count("\n") == 0 and "--guidance with --from-champion" in err
     assert main(["pipeline", "--profile", "smoke", "--from-champion", "--more-epochs", "0"]) == 2
     assert "at least one more epoch" in capsys.readouterr().err
+
+
+def test_a_champion_lookup_that_fails_raises(monkeypatch):
+    """MLflow not answering is not "no champion yet": read that way, a retrain would start from scratch and the
+    promotion rule would promote any model."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from netcheck import free_ports
+
+    from flows.tracking import champion_version
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    with pytest.raises(MlflowException):
+        champion_version(MlflowClient(tracking_uri=uri, registry_uri=uri))
