@@ -362,8 +362,14 @@ def _pipeline(cfg: Config, paths: RunPaths, uri: str, promotion: str, flow_run_i
         print(f"MLflow run {killed} of an earlier, killed attempt on this run folder: marked KILLED")
     lineage: dict[str, Any] = {}
     if continuation is not None:
-        cfg, lineage = continue_champion(tracker, cfg, paths, **continuation)
-        tracker.tag(tracker.parent_id, {key: value for key, value in lineage.items() if value is not None})
+        try:
+            cfg, lineage = continue_champion(tracker, cfg, paths, **continuation)
+        except BaseException:
+            tracker.end(tracker.parent_id, "FAILED")
+            raise
+        # The run's profile is the champion's now (its config is the recipe).
+        tracker.tag(tracker.parent_id, {"profile": cfg.profile,
+                                        **{key: value for key, value in lineage.items() if value is not None}})
     params = cfg.flat()
     # A renamed key is logged under its old name too, so the MLflow UI compares runs from before the rename.
     params.update({old: params[new] for old, new in RENAMED_KEYS.items()})

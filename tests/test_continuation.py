@@ -35,6 +35,8 @@ def test_continued_config_keeps_the_parents_recipe_and_takes_only_local_keys_fro
     ({"train.epochs": "4"}, 2, "drop the train.epochs override"),
     ({}, 0, "at least one more epoch"),
     ({"unet.base_channels": "0"}, 1, "unet.base_channels"),
+    ({"unet.base_channels": "32"}, 1, "unet.base_channels=32 contradicts the trained model"),
+    ({"diffusion.timesteps": "50"}, 1, "diffusion.timesteps=50 contradicts the trained model"),
 ])
 def test_continued_config_refuses_what_cannot_continue(overrides, more, problem):
     parent = load_config("smoke")

@@ -175,6 +175,23 @@ def test_retrain_continues_the_champion_and_records_its_lineage(runs, tmp_path):
     assert parent.data.tags["total_steps"] == v2.tags["total_steps"]
 
 
+def test_a_retrain_that_cannot_continue_fails_before_any_work(runs, mirror):
+    """An override contradicting the champion's architecture is refused before the run folder is seeded, and the
+    run's MLflow run is marked FAILED, not left RUNNING."""
+    from ddpm.config import ConfigError
+    from flows.pipeline import mnist_ddpm
+
+    root, first, _, _ = runs
+    with pytest.raises(ConfigError, match="unet.base_channels=32 contradicts the trained model"):
+        mnist_ddpm(run_name="cannot", profile="smoke", runs_dir=str(root), from_champion=True,
+                   overrides={"data.mirror": str(mirror), "unet.base_channels": "32"})
+    assert not (root / "cannot" / "unet").exists()
+    client = MlflowClient(first["tracking_uri"])
+    (run,) = client.search_runs([client.get_run(first["mlflow_run_id"]).info.experiment_id],
+                                "attributes.run_name = 'cannot'")
+    assert run.info.status == "FAILED"
+
+
 def test_rerun_with_same_name_resumes_unet(runs):
     root, _, _, resumed = runs
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.checkpoints import TRAINING_STATE, checkpoint_config, copy_file, load_checkpoint, write_json
-from ddpm.config import Config, ConfigError, load_config, read_config_file
+from ddpm.config import Config, ConfigError, load_config, read_config_file, with_trained
 from ddpm.pipeline.run_folder import RunPaths, read_json
 
 # Where and on what a run happens, not what it learns or how it is scored: taken from this machine's config,
@@ -45,7 +45,10 @@ def continued_config(parent: Config, parent_epochs: int, here: Config, config_fi
                           "(--more-epochs); drop the train.epochs override")
     flat = here.flat()
     cfg = load_config(None, None, {key: flat[key] for key in LOCAL_KEYS}, base=parent)
-    return load_config(None, config_file, {**overrides, "train.epochs": parent_epochs + more_epochs}, base=cfg)
+    cfg = load_config(None, config_file, {**overrides, "train.epochs": parent_epochs + more_epochs}, base=cfg)
+    # An override of what the weights were trained for (architecture, schedule) is refused here, before the run
+    # folder is seeded, rather than when training loads the state.
+    return with_trained(cfg, parent, explicit, "the champion's training state")
 
 
 def seed_run_folder(paths: RunPaths, state_path: Path, lineage: dict[str, Any]) -> dict[str, Any]:
