@@ -311,7 +311,7 @@ class Tracker(Writer):
                       training_state: Path | None = None) -> str:
         """A new version of the U-Net: its sampling weights (`model`), and the training state of the same epoch
         (`training_state`: weights, EMA, optimizer, step, config), so that a later run can continue it from the
-        registry alone (`champion_training_state`), whether or not this run's folder still exists."""
+        registry alone (`Tracker.training_state`), whether or not this run's folder still exists."""
         artifacts = {"model": str(model_path)}
         if training_state is not None:
             artifacts[TRAINING_STATE_ARTIFACT] = str(training_state)

@@ -18,6 +18,12 @@ for _var in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MNIST_DDP
 # so it is set here, before any test module imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Prefect binds its console log handler to sys.stderr when it is first imported. Imported first inside a test that
+# captures with capsys, that handler keeps the test's stream, which pytest closes when the test ends: every later
+# in-process flow then fails on its first log line (RecursionError in Prefect's handler). Imported here, it binds
+# to the session's capture, which lives as long as the tests do.
+import prefect.main  # noqa: E402,F401  (`import prefect` alone defers it)
+
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data" / "mnist"
 
