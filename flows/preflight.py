@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 
 from ddpm.errors import UserError
+from ddpm.pipeline.locks import lock_wait_s
 
 TIMEOUT_VARIABLE = "DDPM_CONNECT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 5.0
@@ -97,6 +98,7 @@ def check_ray_address(address: str) -> None:
 def check_services(mlflow_uri: str | None = None) -> None:
     """Each address in play: $RAY_ADDRESS, $PREFECT_API_URL and the tracking URI, where they name servers."""
     connect_timeout()  # a bad timeout is itself bad input
+    lock_wait_s()
     if os.environ.get("RAY_ADDRESS"):
         check_ray_address(os.environ["RAY_ADDRESS"])
     if os.environ.get("PREFECT_API_URL"):

@@ -296,3 +296,53 @@ def test_a_silent_service_is_waited_on_for_the_configured_timeout_only(tmp_path,
         assert main(["pipeline", "--profile", "smoke", "--out", str(tmp_path / "r")]) == 2
         assert "DDPM_CONNECT_TIMEOUT_S" in one_line(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_lock_held_by_a_live_run_is_waited_on_for_the_configured_time_only(tmp_path, capsys, monkeypatch):
+    """A shared cache entry held by a live process (a hung run) is waited on for $DDPM_LOCK_WAIT_S seconds, then
+    refused naming the holder and the fix; released in time, it is taken; a bad bound is refused up front."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from ddpm.pipeline.locks import BusyError, exclusive
+
+    lock = tmp_path / ".data-abc.lock"
+    hold = ("import sys\nfrom ddpm.pipeline.locks import exclusive\n"
+            "with exclusive(sys.argv[1], 'x'):\n    print('held', flush=True)\n    sys.stdin.readline()")
+
+    def holder() -> subprocess.Popen:
+        """A process that holds the lock until a line arrives on its stdin."""
+        process = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "held"
+        return process
+
+    monkeypatch.setenv("DDPM_LOCK_WAIT_S", "1.5")
+    hung = holder()
+    try:
+        start = time.monotonic()
+        with pytest.raises(BusyError) as refused, exclusive(lock, "the cache entry data-abc"):
+            pytest.fail("entered a lock another live process holds")
+        waited = time.monotonic() - start
+    finally:
+        hung.kill()
+        hung.wait()
+    message = str(refused.value)
+    assert f"pid {hung.pid}" in message and "after 1.5 s" in message and "DDPM_LOCK_WAIT_S" in message
+    assert 1.5 <= waited < 20 and "at most 1.5 s" in capsys.readouterr().err
+
+    monkeypatch.setenv("DDPM_LOCK_WAIT_S", "60")
+    slow = holder()  # lets go within the bound: the waiting run goes on
+    threading.Timer(1.0, lambda: slow.communicate("done\n")).start()
+    with exclusive(lock, "the cache entry data-abc"):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert slow.wait(30) == 0 and "waiting for another run" in capsys.readouterr().err
+
+    for bad in ("abc", "0", "-1", "1e9"):
+        monkeypatch.setenv("DDPM_LOCK_WAIT_S", bad)
+        assert main(["pipeline", "--profile", "smoke", "--out", str(tmp_path / "r")]) == 2
+        assert "DDPM_LOCK_WAIT_S" in one_line(capsys)
+    assert not (tmp_path / "r").exists()
