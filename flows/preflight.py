@@ -16,6 +16,7 @@ import urllib.request
 
 from ddpm.errors import UserError
 from ddpm.pipeline.locks import lock_wait_s
+from ddpm.schema import env_seconds
 
 TIMEOUT_VARIABLE = "DDPM_CONNECT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 5.0
@@ -24,16 +25,7 @@ RAY_CLIENT_PORT, RAY_GCS_PORT = 10001, 6379
 
 def connect_timeout() -> float:
     """Seconds one connection attempt may take: $DDPM_CONNECT_TIMEOUT_S, default 5 (bounded to (0, 300])."""
-    text = os.environ.get(TIMEOUT_VARIABLE, "")
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 300:
-        raise UserError(f"{TIMEOUT_VARIABLE}={text!r} must be a number of seconds in (0, 300]")
-    return value
+    return env_seconds(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_S, 300)
 
 
 def _host(parts: urllib.parse.SplitResult) -> str:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ddpm.errors import UserError
+from ddpm.schema import env_seconds
 
 WAIT_VARIABLE = "DDPM_LOCK_WAIT_S"
 # Long enough for another run to prepare the data and train LeNet on the slowest profile; a holder that keeps a
@@ -34,16 +35,7 @@ class BusyError(UserError):
 
 def lock_wait_s() -> float:
     """Seconds a run waits for a lock another run holds: $DDPM_LOCK_WAIT_S, default 2 hours, in (0, 86400]."""
-    text = os.environ.get(WAIT_VARIABLE, "")
-    if not text:
-        return DEFAULT_WAIT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 86400:
-        raise UserError(f"{WAIT_VARIABLE}={text!r} must be a number of seconds in (0, 86400]")
-    return value
+    return env_seconds(WAIT_VARIABLE, DEFAULT_WAIT_S, 86400)
 
 
 @contextmanager
