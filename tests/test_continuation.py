@@ -56,12 +56,17 @@ def test_seeding_puts_the_parent_state_where_training_resumes_and_keeps_a_rerun_
     paths.last_checkpoint.write_bytes(b"newer")
     assert seed_run_folder(paths, state, {"parent_version": "4", "parent_epoch": 5}) == lineage
     assert paths.last_checkpoint.read_bytes() == b"newer"
+    # Stopped after the copy, before the lineage was written: seeded again, not taken for a run from scratch.
+    paths.lineage.unlink()
+    paths.last_checkpoint.write_bytes(state.read_bytes())
+    assert seed_run_folder(paths, state, lineage) == lineage and read_lineage(paths) == lineage
 
 
 def test_a_folder_trained_from_scratch_is_not_seeded_over(tmp_path):
     paths = RunPaths(tmp_path / "run")
     paths.checkpoints.mkdir(parents=True)
     paths.last_checkpoint.write_bytes(b"from scratch")
+    (tmp_path / "parent.pt").write_bytes(b"the champion's state")
     with pytest.raises(ConfigError, match="new run folder"):
         seed_run_folder(paths, tmp_path / "parent.pt", {"parent_version": "1"})
     assert paths.last_checkpoint.read_bytes() == b"from scratch"

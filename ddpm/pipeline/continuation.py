@@ -56,7 +56,9 @@ def seed_run_folder(paths: RunPaths, state_path: Path, lineage: dict[str, Any]) 
     seeded before (a rerun after a crash) keeps its own newer state and lineage."""
     if paths.lineage.exists():
         return read_lineage(paths)
-    if paths.last_checkpoint.exists():
+    # The same bytes as the parent's: a run stopped between the copy below and the lineage's write.
+    seeded = paths.last_checkpoint.exists() and paths.last_checkpoint.read_bytes() == Path(state_path).read_bytes()
+    if paths.last_checkpoint.exists() and not seeded:
         raise ConfigError(f"{paths.root} already holds a run trained from scratch: continue the champion in a new "
                           "run folder (another run name)")
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
