@@ -74,7 +74,8 @@ FINISHED_RUNS: list[str | None] = []  # deployment runs this module's cluster ha
 
 
 def served_version(model: str) -> str | None:
-    with urllib.request.urlopen(f"{model}/version", timeout=30) as response:
+    """The version the service answers with; None before it has loaded a champion (/version is a 503 then)."""
+    with urllib.request.urlopen(f"{model}/health", timeout=30) as response:
         return json.loads(response.read())["version"]
 
 
@@ -117,6 +118,8 @@ def test_deployment_run_tracks_everything_in_mlflow(cluster, mirror):
     assert version_tags["evaluator_version"] == evaluator["version"]
     # The model service, up since before the run, picks the new champion up from the registry.
     wait_for(lambda: served_version(model) == champion["version"], 60, f"the service to serve v{champion['version']}")
+    with urllib.request.urlopen(f"{model}/version", timeout=30) as response:
+        assert json.loads(response.read())["version"] == champion["version"]
 
 
 def test_retrain_continues_the_champion_is_promoted_and_served(cluster, mirror):
