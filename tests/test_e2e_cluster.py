@@ -55,6 +55,9 @@ def cluster(tmp_path_factory):
         assert down.returncode == 0, down.stdout + down.stderr
 
 
+FINISHED_RUNS: list[str | None] = []  # deployment runs this module's cluster has completed
+
+
 def deployment_run(env: dict[str, str], params: dict, watch: bool = True, deployment: str = "full"
                    ) -> subprocess.CompletedProcess:
     """`prefect deployment run mnist-ddpm/<deployment>` as a user types it; with watch, asserts it completed."""
@@ -66,11 +69,9 @@ def deployment_run(env: dict[str, str], params: dict, watch: bool = True, deploy
     assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-3000:] +
                                     (serve_log.read_text()[-5000:] if serve_log.exists() else ""))
     assert not watch or "Completed" in result.stdout
-    FINISHED_RUNS.append(params.get("run_name"))
+    if watch:
+        FINISHED_RUNS.append(params.get("run_name"))
     return result
-
-
-FINISHED_RUNS: list[str | None] = []  # deployment runs this module's cluster has completed
 
 
 def served_version(model: str) -> str | None:

@@ -13,6 +13,7 @@ parent was; only where the run happens (`LOCAL_KEYS`) comes from here, and expli
 
 from __future__ import annotations
 
+import filecmp
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,8 @@ def seed_run_folder(paths: RunPaths, state_path: Path, lineage: dict[str, Any]) 
     seeded before (a rerun after a crash) keeps its own newer state and lineage."""
     if paths.lineage.exists():
         return read_lineage(paths)
-    # The same bytes as the parent's: a run stopped between the copy below and the lineage's write.
-    seeded = paths.last_checkpoint.exists() and paths.last_checkpoint.read_bytes() == Path(state_path).read_bytes()
-    if paths.last_checkpoint.exists() and not seeded:
+    # A last.pt with the parent's bytes is a run stopped between the copy below and the lineage's write.
+    if paths.last_checkpoint.exists() and not filecmp.cmp(paths.last_checkpoint, state_path, shallow=False):
         raise ConfigError(f"{paths.root} already holds a run trained from scratch: continue the champion in a new "
                           "run folder (another run name)")
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
