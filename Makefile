@@ -46,8 +46,9 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench.py
 
-# `ddpm serve` under load (200 requests from 1, then 16 clients): latency percentiles, requests/s, images/s and
-# batch sizes -> bench/serve.json. Starts its own service on a registry of its own unless ARGS="--url URL".
+# `ddpm serve` beside a plain FastAPI app on the same champion (bench/plain_app.py), 200 requests from 1, then 16
+# clients each: latency percentiles, requests/s, images/s and batch sizes -> bench/serve.json. Starts both on a
+# registry of its own unless ARGS="--url URL --tracking-uri URI" (a running service and its registry).
 bench-serve: setup
 	$(BIN)/python bench/serve.py $(ARGS)
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,3 +57,26 @@ def test_tiny_orchestration_bench_runs_every_way(tmp_path):
     assert all(r["images_per_s"] > 0 and len(r["epochs"]) == 1 for r in summary["runs"])  # epoch 2 of 2
     assert summary["ratio_to_in_process"]["in-process"] == 1.0
     assert summary["recipe"] == {"profile": "smoke", "steps_per_epoch": 4, "batch": 32, "epochs": 2, "repeats": 1}
+
+
+@pytest.mark.slow  # two servers start: Ray Serve and the plain app, a minute on the 2-core machine
+def test_tiny_serve_bench_measures_both_stacks_alike(tmp_path):
+    """`make bench-serve` in its tiny mode: Ray Serve and the plain FastAPI app each serve the same champion and
+    answer the same runs, and the table sets them side by side."""
+    out = tmp_path / "serve.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "serve.py"), "--tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    stacks = results["stacks"]
+    assert list(stacks) == ["Ray Serve", "plain FastAPI"]
+    assert {s["version"] for s in stacks.values()} == {results["model"]["version"]}
+    assert results["same_images_seed_0"]  # the same model, drawn the same way
+    assert len({s["device"] for s in stacks.values()}) == 1
+    for stack in stacks.values():
+        assert [(r["clients"], r["requests"]) for r in stack["runs"]] == [(1, 16), (16, 16)]
+        assert all(r["p50_ms"] > 0 and r["requests_per_s"] > 0 for r in stack["runs"])
+    batches = stacks["Ray Serve"]["runs"][1]["batch_sizes"]  # the service's own count, this run's only
+    assert sum(int(size) * count for size, count in batches.items()) == 16
+    assert [r["clients"] for r in results["compared"]] == [1, 16] and len(results["goal"]) == 2
+    assert "| 16 | plain FastAPI |" in result.stdout and "| 1 | Ray Serve |" in result.stdout
