@@ -1,4 +1,5 @@
-"""Sample-quality scores: Frechet distance on LeNet features, distances to class-mean images, label balance.
+"""Sample-quality scores: Frechet distance and precision/recall/density/coverage on LeNet features, distances to
+class-mean images, label balance.
 
 All statistics are float64 numpy. The networks only enter through `extract_lenet_outputs`.
 """
@@ -6,6 +7,7 @@ All statistics are float64 numpy. The networks only enter through `extract_lenet
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +62,65 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def frechet_lenet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between two feature sets [N, D] (e.g. LeNet penultimate features)."""
     return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+
+
+def fld_by_digit(features: np.ndarray, labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
+                 num_classes: int = 10) -> dict[str, Any]:
+    """Each digit's FLD: the features of the images labelled d against those of the test images of digit d.
+
+    A digit with fewer than two images on either side has no covariance, and no FLD (None). `worst` names the
+    digit of the largest FLD: where a model is weak, which one FLD over all digits cannot say.
+    """
+    labels, test_labels = np.asarray(labels).ravel(), np.asarray(test_labels).ravel()
+    flds: dict[str, float | None] = {}
+    for digit in range(num_classes):
+        mine, theirs = features[labels == digit], test_features[test_labels == digit]
+        flds[str(digit)] = frechet_lenet_distance(mine, theirs) if min(len(mine), len(theirs)) >= 2 else None
+    scored = {d: v for d, v in flds.items() if v is not None}
+    return {"fld": flds, "images": {str(d): int((labels == d).sum()) for d in range(num_classes)},
+            "worst": max(scored, key=scored.get) if scored else None}
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b)  # float64 in, float64 out: rounding far below any gap between two images' features
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point of the same set (the point itself is the nearest)."""
+    return torch.cat([_pairwise(rows, features).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for rows in features.split(chunk)])
+
+
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk: int = 1000
+                                      ) -> dict[str, float]:
+    """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) of `fake`
+    against `real` features [N, D], each point's neighbourhood the ball to its k-th nearest neighbour.
+
+    precision: the share of fake points inside some real ball (fidelity); recall: the share of real points inside
+    some fake ball (diversity); density: real balls holding each fake point, / k, averaged (1 for a copy of the
+    real distribution); coverage: the share of real balls holding a fake point. As the `prdc` package computes
+    them (tests/test_metrics.py checks it), one chunk of real rows at a time, so 10,000 x 10,000 distances are
+    never held at once.
+    """
+    real_t = torch.as_tensor(np.asarray(real, dtype=np.float64))
+    fake_t = torch.as_tensor(np.asarray(fake, dtype=np.float64))
+    if real_t.ndim != 2 or fake_t.ndim != 2 or real_t.shape[1] != fake_t.shape[1]:
+        raise ValueError(f"features must be [N, D] with one D, got {tuple(real_t.shape)} and {tuple(fake_t.shape)}")
+    if min(len(real_t), len(fake_t)) <= k:
+        raise ValueError(f"k = {k} needs more than {k} points in each set, got {len(real_t)} and {len(fake_t)}")
+    real_radii = _kth_neighbour_radii(real_t, k, chunk)
+    fake_radii = _kth_neighbour_radii(fake_t, k, chunk)
+    fake_in_real_balls = torch.zeros(len(fake_t), dtype=torch.long)
+    recalled = covered = 0
+    for rows, radii in zip(real_t.split(chunk), real_radii.split(chunk), strict=True):
+        d = _pairwise(rows, fake_t)  # [chunk of real, fake]
+        fake_in_real_balls += (d < radii[:, None]).sum(dim=0)
+        recalled += int((d < fake_radii[None, :]).any(dim=1).sum())
+        covered += int((d.min(dim=1).values < radii).sum())
+    return {"precision": float((fake_in_real_balls > 0).double().mean()),
+            "recall": recalled / len(real_t),
+            "density": float(fake_in_real_balls.double().mean()) / k,
+            "coverage": covered / len(real_t)}
 
 
 def predicted_class_mean_distance(

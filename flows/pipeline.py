@@ -194,6 +194,12 @@ def evaluate_task(cfg: Config, paths: RunPaths, tracker: Tracker, evaluator_vers
                      "digit_share_max_deviation": result["digit_share_max_deviation"],
                      "near_copy_share": result["memorisation"]["near_copy_share"],
                      "lenet_test_accuracy": result["lenet"]["test_accuracy"]})
+        for name in ("generated", "train"):  # precision, recall, density, coverage (train: the reference)
+            flat.update({f"{metric}{'' if name == 'generated' else '_train'}": value
+                         for metric, value in (result["prdc"][f"{name}_vs_test"] or {}).items()})
+        for digit, value in result["fld_by_digit"]["generated"]["fld"].items():
+            if value is not None:
+                flat[f"fld_digit_{digit}"] = value
         for c in result["compare"]:  # the sets drawn beside the main one, and the main one on the same seeds
             flat.update({f"fld_{c['name']}": c["fld"], f"fld_main_first_{c['images']}": c["main_fld_same_seeds"]})
         tags = {"evaluator_id": result["lenet"]["evaluator_id"], "evaluator_version": evaluator_version}
@@ -245,13 +251,22 @@ def register_task(cfg: Config, paths: RunPaths, tracker: Tracker, result: dict[s
         return decision
 
 
+def _fidelity(result: dict[str, Any]) -> str:
+    prdc = (result.get("prdc") or {}).get("generated_vs_test")
+    worst = (result.get("fld_by_digit") or {}).get("generated", {}).get("worst")
+    text = (f"precision {prdc['precision']:.3f}, recall {prdc['recall']:.3f}, density {prdc['density']:.3f}, "
+            f"coverage {prdc['coverage']:.3f}; ") if prdc else ""
+    return text + (f"weakest digit {worst}; " if worst is not None else "")
+
+
 def version_description(result: dict[str, Any], cfg: Config) -> str:
     """The report's headline figures, shown on the registered version in the MLflow UI."""
     fld, ratio = result["fld"]["generated_vs_test"], result["fld_ratio_to_train"]["generated_vs_test"]
     s, chosen = result["sampler"], result.get("model") or {}
     epoch = f", epoch {chosen['epoch']} of {chosen['epochs']} ({chosen['reason']})" if chosen else ""
     return (f"FLD {fld:.3f} against the test set ({ratio:.2f}x train-vs-test) on {result['counts']['generated']:,} "
-            f"{s['name']} samples, profile {cfg.profile}{epoch}; label imbalance {result['label_imbalance_tv']:.3f}; "
+            f"{s['name']} samples, profile {cfg.profile}{epoch}; {_fidelity(result)}"
+            f"label imbalance {result['label_imbalance_tv']:.3f}; "
             f"near-copies {result['memorisation']['near_copy_share']:.2%}; evaluator {result['lenet']['evaluator_id']}")
 
 

@@ -56,8 +56,16 @@ def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
                                                                                 "uniform_noise"}
     assert 0.007 < nearest["test"] < 0.009 < nearest["uniform_noise"]
     assert 0.7 < evaluation["nearest_mean_label_accuracy"] < 0.95
+    prdc = evaluation["prdc"]
+    assert prdc["k"] == 5 and set(prdc["generated_vs_test"]) == {"precision", "recall", "density", "coverage"}
+    assert prdc["train_vs_test"]["recall"] > prdc["generated_vs_test"]["recall"]  # two epochs of a tiny model
+    by_digit = evaluation["fld_by_digit"]
+    assert set(by_digit) == {"generated", "train"}  # unconditional: no requested labels
+    assert sum(by_digit["generated"]["images"].values()) == 64
+    assert by_digit["train"]["worst"] in {str(d) for d in range(10)}
     report = (run / "evaluation.md").read_text()
     assert "| generated (ddpm) | 64 |" in report and "near-copies" in report
+    assert "## Fidelity and diversity" in report and "## FLD by digit" in report
     check_compared_set_uses_the_main_sets_seeds(run, evaluation, report)
     check_trained_keys_are_refused(run)
 

@@ -11,12 +11,14 @@ from ddpm.data import load_mnist
 from ddpm.metrics import (
     extract_lenet_outputs,
     feature_stats,
+    fld_by_digit,
     frechet_distance,
     frechet_lenet_distance,
     histogram_imbalance,
     label_histogram,
     nearest_class_mean_distance,
     nearest_mean_labels,
+    precision_recall_density_coverage,
     predicted_class_mean_distance,
 )
 from ddpm.pixels import uint8_to_model
@@ -250,3 +252,54 @@ def test_nearest_distances_and_memorisation():
     copied = memorisation(d, nearest_distances(heldout, train))
     assert copied["near_copy_share"] == 1.0 and honest["near_copy_share"] < 0.1
     assert copied["generated_median_nn"] < copied["heldout_median_nn"]
+
+
+@pytest.mark.parametrize(("n_real", "n_fake", "k", "chunk"), [(300, 250, 5, 64), (200, 400, 3, 1000), (120, 90, 1, 7)])
+def test_prdc_matches_the_prdc_package(n_real, n_fake, k, chunk):
+    """The reference implementation (Naeem et al.'s `prdc`) on fixed features: one real cloud; fakes partly
+    copies, partly shifted and narrower, so no score sits at 0 or 1."""
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+
+    rng = np.random.default_rng(n_real + k)
+    real = rng.normal(size=(n_real, 6))
+    fake = rng.normal(loc=0.8, scale=0.6, size=(n_fake, 6))
+    fake[: n_fake // 5] = real[: n_fake // 5] + rng.normal(scale=0.05, size=(n_fake // 5, 6))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the set sizes
+        expected = compute_prdc(real, fake, nearest_k=k)
+    found = precision_recall_density_coverage(real, fake, k=k, chunk=chunk)
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():
+        assert found[name] == pytest.approx(float(value), rel=1e-12, abs=1e-15), name
+    assert 0 < found["precision"] < 1 and 0 < found["recall"] < 1 and 0 < found["coverage"] < 1
+
+
+def test_prdc_tells_fidelity_from_diversity():
+    """A collapsed generator (every image near one real one) is faithful but not diverse; a sharp clone is both."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 16))
+    collapsed = real[0] + rng.normal(scale=0.01, size=(400, 16))
+    clone = real + rng.normal(scale=0.01, size=real.shape)
+    narrow = precision_recall_density_coverage(real, collapsed)
+    assert narrow["precision"] == 1.0 and narrow["recall"] < 0.05 and narrow["coverage"] < 0.05
+    same = precision_recall_density_coverage(real, clone)
+    assert same["precision"] > 0.95 and same["recall"] > 0.95 and same["coverage"] > 0.95
+    with pytest.raises(ValueError, match="k = 5 needs more than 5 points"):
+        precision_recall_density_coverage(real, collapsed[:5])
+
+
+def test_fld_by_digit_names_the_weak_digit():
+    rng = np.random.default_rng(1)
+    test_labels = np.repeat(np.arange(10), 60)
+    test = rng.normal(size=(600, 8)) + test_labels[:, None]
+    labels = np.repeat(np.arange(10), 50)
+    generated = rng.normal(size=(500, 8)) + labels[:, None]
+    generated[labels == 3] += 2.0  # digit 3 drawn off its test images
+    generated, labels = generated[labels != 7], labels[labels != 7]  # and no image read as 7
+    result = fld_by_digit(generated, labels, test, test_labels)
+    assert result["worst"] == "3" and result["fld"]["7"] is None and result["images"]["7"] == 0
+    assert result["images"]["1"] == 50
+    assert result["fld"]["3"] == pytest.approx(frechet_lenet_distance(generated[labels == 3], test[test_labels == 3]))
+    assert all(v < result["fld"]["3"] for d, v in result["fld"].items() if v is not None and d != "3")

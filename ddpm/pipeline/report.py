@@ -29,6 +29,40 @@ def _sampler_label(name: str, steps: int, guidance: float | None) -> str:
         (f", guidance {guidance:g}" if guidance is not None else "")
 
 
+def _fidelity_rows(result: dict[str, Any]) -> list[str]:
+    """Precision, recall, density and coverage (reports before them have none)."""
+    prdc = result.get("prdc")
+    if not prdc:
+        return []
+    rows = ["## Fidelity and diversity", "",
+            f"In the evaluator's features, against the test set, each point's ball reaching its {prdc['k']}th "
+            "nearest neighbour. Precision: generated images inside the test set's balls (fidelity); recall: test "
+            "images inside the generated set's balls (diversity); density and coverage: the robust forms (Naeem "
+            "et al. 2020). Train against test is the reference row.", "",
+            "| set | precision | recall | density | coverage |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in ("generated", "train"):
+        s = prdc.get(f"{name}_vs_test")
+        if s:
+            rows.append(f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['density']:.4f} | "
+                        f"{s['coverage']:.4f} |")
+    return rows
+
+
+def _digit_fld_rows(result: dict[str, Any]) -> list[str]:
+    """Each digit's FLD against that digit's test images (reports before them have none)."""
+    by_digit = result.get("fld_by_digit")
+    if not by_digit:
+        return []
+    names = {"generated": "generated, by the evaluator's label",
+             "generated_requested": "generated, by the label asked for", "train": "train (the floor)"}
+    rows = ["## FLD by digit", "", "| set | " + " | ".join(map(str, range(10))) + " | worst |",
+            "| --- |" + " ---: |" * 11]
+    for name, row in by_digit.items():
+        cells = ["-" if row["fld"][str(d)] is None else f"{row['fld'][str(d)]:.2f}" for d in range(10)]
+        rows.append(f"| {names.get(name, name)} | " + " | ".join(cells) + f" | {row['worst']} |")
+    return rows
+
+
 def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """evaluation.json as a readable report (the flow adds links and shows it as a Prefect artifact)."""
     s, counts, m, chosen = result["sampler"], result["counts"], result["memorisation"], result.get("model")
@@ -54,6 +88,7 @@ def evaluation_markdown(result: dict[str, Any], links: dict[str, str | None] | N
         f"own digit; here {result['nearest_mean_label_accuracy']:.1%}. Predicted class-mean distance: this "
         "project's own, |x - mean|_2 to the mean of the digit LeNet reads, on [-1, 1] pixels and not divided.",
     ]
+    rows += ["", *_fidelity_rows(result), "", *_digit_fld_rows(result)]
     gen, test = result["label_histogram"]["generated"], result["label_histogram"]["test"]
 
     def share_row(name: str, hist: list[int]) -> str:

@@ -31,6 +31,7 @@ from ddpm.generate import image_noise, labels_for, load_for_sampling, run_sample
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
 from ddpm.metrics import (
     extract_lenet_outputs,
+    fld_by_digit,
     frechet_lenet_distance,
     histogram_imbalance,
     label_histogram,
@@ -38,6 +39,7 @@ from ddpm.metrics import (
     nearest_class_mean_distance,
     nearest_distances,
     nearest_mean_labels,
+    precision_recall_density_coverage,
     predicted_class_mean_distance,
 )
 from ddpm.pipeline.cache import cache_lock, data_key, lenet_key, link
@@ -51,6 +53,8 @@ from ddpm.schema import compare_sets
 from ddpm.training import EpochMetrics, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
+
+PRDC_K = 5  # each point's ball reaches its 5th nearest neighbour: the papers' choice, kept for comparable numbers
 
 # --- stages ---------------------------------------------------------------------------------------------
 
@@ -207,13 +211,14 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     lenet, lenet_metrics = load_lenet(paths.lenet, device)
-    gen_uint8, _ = read_samples(paths.samples)
+    gen_uint8, requested = read_samples(paths.samples)
     limit = cfg.eval.max_reference_images
     test_x, test_y = load_split(paths.data, "test", limit=limit)
-    train_all, _ = load_split(paths.data, "train", limit=limit, seed=1)
+    train_all, train_labels = load_split(paths.data, "train", limit=limit, seed=1)
     # A seeded random subset the size of the test set: the training file's order is not random (0.76 for its
     # first 10,000 images against 0.46 for a random 10,000, measured), and FLD depends on the set size.
-    train_x = train_all[torch.randperm(len(train_all), generator=torch.Generator().manual_seed(1))[: len(test_x)]]
+    subset = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(1))[: len(test_x)]
+    train_x, train_y = train_all[subset], train_labels[subset]
     generated = uint8_to_model(gen_uint8).unsqueeze(1)
     noise = torch.rand(len(test_x), *test_x.shape[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
     means = class_means(paths.data, "test")
@@ -239,6 +244,11 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "label_histogram": {"generated": gen_hist.tolist(), "test": test_hist.tolist()},
         "label_imbalance_tv": histogram_imbalance(gen_hist, test_hist),
         "digit_share_max_deviation": digit_share_deviation(gen_hist, test_hist),
+        # Fidelity and diversity apart, which one FLD cannot tell: generated against test, train as the reference.
+        "prdc": {"k": PRDC_K, **{f"{name}_vs_test": precision_recall_density_coverage(
+            features["test"], features[name], PRDC_K) if len(features[name]) > PRDC_K else None
+            for name in ("generated", "train")}},
+        "fld_by_digit": _fld_by_digit(cfg, features, predicted, requested, test_y.numpy(), train_y.numpy()),
         "memorisation": memorisation(nearest_distances(generated, train_all), nearest_distances(test_x, train_all)),
         "lenet": {"test_accuracy": lenet_metrics["test_accuracy"],
                   "evaluator_id": lenet_metrics["evaluator_id"]},
@@ -255,6 +265,17 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     write_text(paths.evaluation_md, evaluation_markdown(result))
     write_json(paths.evaluation, result)
     return result
+
+
+def _fld_by_digit(cfg: Config, features: dict[str, np.ndarray], predicted: dict[str, np.ndarray],
+                  requested: np.ndarray, test_labels: np.ndarray, train_labels: np.ndarray) -> dict[str, Any]:
+    """Each digit's FLD against the test images of that digit: generated images by the evaluator's label (and,
+    for a conditional model, by the label they were drawn for), train images by their own as the floor."""
+    rows = {"generated": fld_by_digit(features["generated"], predicted["generated"], features["test"], test_labels),
+            "train": fld_by_digit(features["train"], train_labels, features["test"], test_labels)}
+    if cfg.unet.num_classes > 0:
+        rows["generated_requested"] = fld_by_digit(features["generated"], requested, features["test"], test_labels)
+    return rows
 
 
 def _compare_sets(cfg: Config, paths: RunPaths, lenet: torch.nn.Module, device: torch.device,
