@@ -85,14 +85,16 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b)  # float64 in, float64 out: rounding far below any gap between two images' features
 
 
-def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Each point's distance to its k-th nearest other point of the same set (the point itself is the nearest)."""
+def kth_neighbour_radii(features: np.ndarray | torch.Tensor, k: int, chunk: int = 1000) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point of the same set (the point itself is the nearest),
+    float64 [N]: a set's balls, computed once where one real set meets several fake ones."""
+    features = torch.as_tensor(np.asarray(features, dtype=np.float64))
     return torch.cat([_pairwise(rows, features).topk(k + 1, dim=1, largest=False).values[:, k]
                       for rows in features.split(chunk)])
 
 
-def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk: int = 1000
-                                      ) -> dict[str, float]:
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk: int = 1000,
+                                      real_radii: torch.Tensor | None = None) -> dict[str, float]:
     """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) of `fake`
     against `real` features [N, D], each point's neighbourhood the ball to its k-th nearest neighbour.
 
@@ -100,7 +102,7 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int
     some fake ball (diversity); density: real balls holding each fake point, / k, averaged (1 for a copy of the
     real distribution); coverage: the share of real balls holding a fake point. As the `prdc` package computes
     them (tests/test_metrics.py checks it), one chunk of real rows at a time, so 10,000 x 10,000 distances are
-    never held at once.
+    never held at once. `real_radii` (`kth_neighbour_radii(real, k)`) saves computing them again.
     """
     real_t = torch.as_tensor(np.asarray(real, dtype=np.float64))
     fake_t = torch.as_tensor(np.asarray(fake, dtype=np.float64))
@@ -108,8 +110,8 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int
         raise ValueError(f"features must be [N, D] with one D, got {tuple(real_t.shape)} and {tuple(fake_t.shape)}")
     if min(len(real_t), len(fake_t)) <= k:
         raise ValueError(f"k = {k} needs more than {k} points in each set, got {len(real_t)} and {len(fake_t)}")
-    real_radii = _kth_neighbour_radii(real_t, k, chunk)
-    fake_radii = _kth_neighbour_radii(fake_t, k, chunk)
+    real_radii = kth_neighbour_radii(real_t, k, chunk) if real_radii is None else real_radii
+    fake_radii = kth_neighbour_radii(fake_t, k, chunk)
     fake_in_real_balls = torch.zeros(len(fake_t), dtype=torch.long)
     recalled = covered = 0
     for rows, radii in zip(real_t.split(chunk), real_radii.split(chunk), strict=True):

@@ -15,6 +15,7 @@ from ddpm.metrics import (
     frechet_distance,
     frechet_lenet_distance,
     histogram_imbalance,
+    kth_neighbour_radii,
     label_histogram,
     nearest_class_mean_distance,
     nearest_mean_labels,
@@ -270,6 +271,7 @@ def test_prdc_matches_the_prdc_package(n_real, n_fake, k, chunk):
     with contextlib.redirect_stdout(io.StringIO()):  # it prints the set sizes
         expected = compute_prdc(real, fake, nearest_k=k)
     found = precision_recall_density_coverage(real, fake, k=k, chunk=chunk)
+    assert found == precision_recall_density_coverage(real, fake, k=k, real_radii=kth_neighbour_radii(real, k))
     assert found.keys() == expected.keys()
     for name, value in expected.items():
         assert found[name] == pytest.approx(float(value), rel=1e-12, abs=1e-15), name

@@ -34,6 +34,7 @@ from ddpm.metrics import (
     fld_by_digit,
     frechet_lenet_distance,
     histogram_imbalance,
+    kth_neighbour_radii,
     label_histogram,
     memorisation,
     nearest_class_mean_distance,
@@ -234,6 +235,7 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
     fld = {f"{name}_vs_test": frechet_lenet_distance(features[name], features["test"])
            for name in ("generated", "test", "train", "uniform_noise")}
     gen_hist, test_hist = label_histogram(predicted["generated"]), label_histogram(predicted["test"])
+    test_radii = kth_neighbour_radii(features["test"], PRDC_K)  # the test set's balls, shared by both rows
     result = {
         "fld": fld,
         "fld_ratio_to_train": {name: value / fld["train_vs_test"] for name, value in fld.items()},
@@ -246,7 +248,7 @@ def evaluate(cfg: Config, paths: RunPaths, *, progress: bool = True) -> dict[str
         "digit_share_max_deviation": digit_share_deviation(gen_hist, test_hist),
         # Fidelity and diversity apart, which one FLD cannot tell: generated against test, train as the reference.
         "prdc": {"k": PRDC_K, **{f"{name}_vs_test": precision_recall_density_coverage(
-            features["test"], features[name], PRDC_K) if len(features[name]) > PRDC_K else None
+            features["test"], features[name], PRDC_K, real_radii=test_radii) if len(features[name]) > PRDC_K else None
             for name in ("generated", "train")}},
         "fld_by_digit": _fld_by_digit(cfg, features, predicted, requested, test_y.numpy(), train_y.numpy()),
         "memorisation": memorisation(nearest_distances(generated, train_all), nearest_distances(test_x, train_all)),
