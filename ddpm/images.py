@@ -119,3 +119,39 @@ def plot_label_histogram(generated: np.ndarray, reference: np.ndarray, path: Pat
     ax.set_ylabel("share")
     ax.legend()
     return _save_figure(plt, fig, path)
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    """Guidance: FLD, precision and recall against w. Steps: FLD and recall against steps, a line per sampler."""
+    plt = _pyplot()
+    points = result["points"]
+    n = points[0]["images"]
+    if result["kind"] == "guidance":
+        w = [p["guidance_scale"] for p in points]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        left.plot(w, [p["fld"] for p in points], "o-", color="tab:green")
+        left.set_ylabel("FLD vs test (lower is better)")
+        for score, marker in (("precision", "s-"), ("recall", "d-"), ("coverage", "^-")):
+            right.plot(w, [p[score] for p in points], marker, label=score)
+        right.set_ylabel(f"share (k = {result['k']})")
+        right.legend()
+        for ax in (left, right):
+            ax.set_xlabel("guidance scale w")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"Classifier-free guidance, {points[0]['sampler']} {points[0]['steps']} steps, {n:,} images")
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for sampler in dict.fromkeys(p["sampler"] for p in points):
+            mine = [p for p in points if p["sampler"] == sampler]
+            left.plot([p["steps"] for p in mine], [p["fld"] for p in mine], "o-", label=sampler)
+            right.plot([p["steps"] for p in mine], [p["recall"] for p in mine], "o-", label=sampler)
+        left.set_ylabel("FLD vs test (lower is better)")
+        right.set_ylabel(f"recall (k = {result['k']})")
+        for ax in (left, right):
+            ax.set_xlabel("sampler steps (network evaluations per image)")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({p["steps"] for p in points}), labels=sorted({p["steps"] for p in points}))
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"Quality against sampler steps, {n:,} images")
+    return _save_figure(plt, fig, path)

@@ -81,6 +81,9 @@ def fld_by_digit(features: np.ndarray, labels: np.ndarray, test_features: np.nda
             "worst": max(scored, key=scored.get) if scored else None}
 
 
+PRDC_K = 5  # each point's ball reaches its 5th nearest neighbour: the papers' choice, kept for comparable numbers
+
+
 def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b)  # float64 in, float64 out: rounding far below any gap between two images' features
 
@@ -93,7 +96,7 @@ def kth_neighbour_radii(features: np.ndarray | torch.Tensor, k: int, chunk: int 
                       for rows in features.split(chunk)])
 
 
-def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk: int = 1000,
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int = PRDC_K, chunk: int = 1000,
                                       real_radii: torch.Tensor | None = None) -> dict[str, float]:
     """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) of `fake`
     against `real` features [N, D], each point's neighbourhood the ball to its k-th nearest neighbour.

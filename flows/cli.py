@@ -4,6 +4,7 @@
     ddpm train-classifier --out R        ddpm sample --out R [--workers N]
     ddpm evaluate --out R                ddpm pipeline [--out R] [--from-champion [--more-epochs N]]
     ddpm model-summary                   ddpm serve [--port 8000] [--mlflow URI]
+    ddpm sweep --out R --guidance 0,1,2  ddpm sweep --out R --steps 4,8,25 [--samplers ddim,dpm++2m]
 
 Every command takes --profile NAME, --config FILE and --set section.key=value. A stage run on an existing run
 folder starts from that run's saved config.json unless --profile is given.
@@ -16,6 +17,7 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ddpm.config import Config, ConfigError, flag_names, load_config, parse_overrides
@@ -41,6 +43,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+def _number_list(kind: type) -> Callable[[str], list]:
+    """A comma-separated list of numbers, as an argparse type: refused in one line when one is not a number."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a list of numbers like 1,2,3") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one number")
+        return values
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ddpm", description="Denoising diffusion on MNIST, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit", type=int, help="conditional models: write R/digit_<D>.png, a grid of digit D only")
     p.add_argument("--count", type=int, default=64, help="images in the --digit grid (default 64)")
     _common(sub.add_parser("evaluate", help="FLD, class-mean distances, label histogram -> evaluation.json"))
+    p = sub.add_parser("sweep", help="quality against guidance or sampler steps -> R/sweep_<kind>.json and .png")
+    _common(p)
+    axis = p.add_mutually_exclusive_group(required=True)
+    axis.add_argument("--guidance", type=_number_list(float), metavar="W,W,...",
+                      help="guidance scales, e.g. 0,1,1.5,2,3 (a digit-conditional model), the main set's sampler")
+    axis.add_argument("--steps", type=_number_list(int), metavar="N,N,...",
+                      help="sampler step counts, e.g. 4,6,8,10,15,25, for each of --samplers")
+    p.add_argument("--samplers", default="dpm++2m,dpm++2m-sde,ddim",
+                   help="with --steps: samplers to compare (default dpm++2m,dpm++2m-sde,ddim)")
+    p.add_argument("--samples", type=_within(int, 6, 100_000), default=2_000,
+                   help="images a point, the main set's first seeds (default 2,000)")
     p = sub.add_parser("pipeline", help="the whole pipeline: the Prefect flow, embedded (what `make run` runs)")
     _common(p)
     p.add_argument("--mirror", help="folder with the four gzipped IDX files")
@@ -172,6 +200,24 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
     return result
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """`ddpm sweep`: one curve over a finished run's model; the run's own config and files stay as they were."""
+    from ddpm.pipeline.run_folder import RunPaths
+    from ddpm.pipeline.sweep import guidance_specs, scores_table, steps_specs, sweep
+
+    if not args.out or not (Path(args.out) / "unet" / "model.pt").is_file():
+        raise ConfigError(f"`ddpm sweep` needs --out RUN_DIR of a trained run (unet/model.pt; got {args.out!r}): "
+                          "run `ddpm pipeline --out RUN_DIR` or `ddpm train` first")
+    cfg = resolve_config(args, Path(args.out))
+    if args.guidance is not None:
+        kind, specs = "guidance", guidance_specs(cfg, args.guidance)
+    else:
+        kind, specs = "steps", steps_specs([s.strip() for s in args.samplers.split(",") if s.strip()], args.steps)
+    result = sweep(cfg, RunPaths(Path(args.out)), kind, specs, args.samples, progress=not args.quiet)
+    print(scores_table(result))
+    print(f"wrote {Path(args.out) / f'sweep_{kind}.json'} and .png")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The Prefect flow, embedded: no servers needed (ephemeral Prefect, local Ray, SQLite MLflow)."""
     from flows.pipeline import check_continuation, mnist_ddpm, pipeline_config
@@ -234,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_pipeline(args)
         elif args.command == "serve":
             cmd_serve(args)
+        elif args.command == "sweep":
+            cmd_sweep(args)
         else:
             if not args.out:
                 raise ConfigError(f"`ddpm {args.command}` needs --out RUN_DIR (the run folder the stages share)")

@@ -30,6 +30,7 @@ from ddpm.errors import UserError
 from ddpm.generate import image_noise, labels_for, load_for_sampling, run_sampler, sampler_steps
 from ddpm.images import plot_label_histogram, save_grid, save_reverse_process_gif
 from ddpm.metrics import (
+    PRDC_K,
     extract_lenet_outputs,
     fld_by_digit,
     frechet_lenet_distance,
@@ -54,8 +55,6 @@ from ddpm.schema import compare_sets
 from ddpm.training import EpochMetrics, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]
-
-PRDC_K = 5  # each point's ball reaches its 5th nearest neighbour: the papers' choice, kept for comparable numbers
 
 # --- stages ---------------------------------------------------------------------------------------------
 
