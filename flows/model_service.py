@@ -291,9 +291,14 @@ class Drawer:
         self.batch_sizes: Counter[int] = Counter()  # requests per batch, for /health (and bench/serve.py)
         self.counts: Counter[str] = Counter()  # drawn, failed, gone, busy, timed out: for /health
         self.batch_s = 1.0  # seconds a batch took, smoothed: the basis of Retry-After
+        self.drawing = 0  # requests in the batch being drawn
+
+    def waiting(self) -> int:
+        """Requests queued whose client still waits."""
+        return sum(not job.future.done() for job in self.queue)
 
     def retry_after(self) -> int:
-        return max(1, math.ceil(self.batch_s * (1 + len(self.queue) / MAX_BATCH)))
+        return max(1, math.ceil(self.batch_s * (1 + self.waiting() / MAX_BATCH)))
 
     def submit(self, snapshot: Snapshot, request: GenerateRequest) -> asyncio.Future | None:
         """The future of the request's answer; None when the queue is full."""
@@ -331,11 +336,12 @@ class Drawer:
             self.wake.clear()
             while batch := self._take():
                 self.batch_sizes[len(batch)] += 1
-                start = time.monotonic()
+                self.drawing, start = len(batch), time.monotonic()
                 try:
                     answers = await asyncio.to_thread(draw_batch, batch, self.max_images)
                 except Exception as exc:  # noqa: BLE001 - draw_batch answers per job; this is a last resort
                     answers = [exc] * len(batch)
+                self.drawing = 0
                 self.batch_s = 0.7 * self.batch_s + 0.3 * (time.monotonic() - start)
                 for job, answer in zip(batch, answers, strict=True):
                     self.counts["failed" if isinstance(answer, Exception) else "drawn"] += 1
@@ -499,7 +505,7 @@ class ChampionService:
         status = "no champion" if current is None else "stale" if follower.stale else "ready"
         return JSONResponse({"status": status, "version": current.version if current else None,
                              "champion": follower.champion, "stale": follower.stale,
-                             "poll_error": follower.problem, "queued": len(drawer.queue),
+                             "poll_error": follower.problem, "queued": drawer.waiting(), "drawing": drawer.drawing,
                              "requests": dict(drawer.counts),
                              "batch_sizes": {str(k): v for k, v in sorted(drawer.batch_sizes.items())}})
 
