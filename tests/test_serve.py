@@ -580,6 +580,13 @@ def test_a_replica_started_on_a_broken_champion_serves_the_newest_version_that_l
     set_champion(guarded.uri, "1")  # a loadable champion: served, and no longer stale
     guarded.wait_for_version("1")
     assert guarded.health()["status"] == "ready" and guarded.health()["stale"] is None
+    set_champion(guarded.uri, "3")  # broken again, while serving: v1 stays in service
+    deadline = time.monotonic() + 30
+    while guarded.health()["status"] != "stale":
+        assert time.monotonic() < deadline, guarded.health()
+        time.sleep(0.2)
+    assert (guarded.health()["version"], guarded.health()["champion"]) == ("1", "3")
+    assert get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=AUTH)[1]["x-model-version"] == "1"
 
 
 def test_with_a_token_generate_needs_it_and_health_never(guarded):
