@@ -106,7 +106,10 @@ class ServiceOptions:
         return f"http://{self.host}:{self.port}"
 
 
-def no_champion_message(uri: str) -> str:
+def no_champion_message(uri: str, stale: str | None = None) -> str:
+    """Why there is nothing to serve: no champion yet, or (`stale`) one that cannot be loaded and no other that can."""
+    if stale:
+        return f"nothing to serve: {stale}, and no other version loads: register one that does and move the alias"
     return f"no champion registered in {masked(uri)} yet: run the pipeline (`make run`)"
 
 
@@ -386,7 +389,7 @@ def render_page(info: dict[str, Any] | None, cfg: Config | None, limits: Limits,
     conditional = bool(info and info["conditional"])
     about = (f"<b id=version>v{html.escape(info['version'])}</b> of {UNET_MODEL} (FLD {html.escape(_fld(info['fld']))}"
              f", {'digit-conditional' if conditional else 'unconditional'})" if info else
-             f"<b id=version>none</b>: {html.escape(no_champion_message(uri))}")
+             f"<b id=version>none</b>: {html.escape(no_champion_message(uri, stale))}")
     if info and stale:
         about += f'. <span id=stale class=error>Not the champion: {html.escape(stale)}</span>'
     all_steps = json.dumps([name for name, s in SAMPLERS.items() if s.all_steps])
@@ -502,7 +505,7 @@ class ChampionService:
     async def health(self) -> Response:
         follower, drawer = self.follower, self.drawer
         current = follower.current
-        status = "no champion" if current is None else "stale" if follower.stale else "ready"
+        status = "stale" if follower.stale else "no champion" if current is None else "ready"
         return JSONResponse({"status": status, "version": current.version if current else None,
                              "champion": follower.champion, "stale": follower.stale,
                              "poll_error": follower.problem, "queued": drawer.waiting(), "drawing": drawer.drawing,
@@ -515,7 +518,7 @@ class ChampionService:
         if refused := self._refused(request):
             return refused
         if current is None:
-            return _text(503, no_champion_message(self.uri))
+            return _text(503, no_champion_message(self.uri, self.follower.stale))
         return JSONResponse(current.describe(self.uri), headers=_version_header(current.version))
 
     def _check(self, request: Request) -> tuple[Snapshot, GenerateRequest] | Response:
@@ -524,7 +527,7 @@ class ChampionService:
             return refused
         snapshot = self.follower.current  # read once: this request is checked and drawn with this version
         if snapshot is None:
-            return _text(503, no_champion_message(self.uri))
+            return _text(503, no_champion_message(self.uri, self.follower.stale))
         try:
             return snapshot, parse_generate(request.query_params.multi_items(), snapshot.cfg, self.limits,
                                             lambda: secrets.randbelow(2**32))

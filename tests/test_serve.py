@@ -276,6 +276,20 @@ def test_a_failing_poll_keeps_the_current_model(tmp_path, capsys):
     assert Follower(f"sqlite:///{missing}", 3600, torch.device("cpu")).current is None and not missing.exists()
 
 
+def test_with_no_version_that_loads_the_follower_says_why(tmp_path):
+    """The champion broken and no other version: nothing is served, and the reason names the version."""
+    from flows.model_service import Follower, no_champion_message
+
+    uri, versions = register_versions(tmp_path, [("smoke", False, 1)])
+    break_artifact(uri, versions[0])
+    set_champion(uri, versions[0])
+    follower = Follower(uri, poll_s=3600, device=torch.device("cpu"))
+    assert follower.current is None and follower.champion == "1" and follower.problem is None
+    assert follower.stale.startswith("champion v1's model artifact cannot be loaded")
+    message = no_champion_message(uri, follower.stale)
+    assert message.startswith("nothing to serve: champion v1") and "\n" not in message and str(tmp_path) not in message
+
+
 # -- one real service --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
