@@ -132,12 +132,16 @@ class Snapshot:
 
 def load_version(client, version: str, tags: dict[str, str], device: torch.device) -> Snapshot:
     """Download version `version`'s sampling weights (its pyfunc model's "model" artifact, `model.pt`) and load
-    them with weights_only=True: the pickled Python model beside them is never loaded. A version that cannot be
-    loaded raises UserError naming the version, not the temporary folder it was downloaded to."""
+    them with weights_only=True: the pickled Python model beside them is never loaded. A downloaded artifact that
+    cannot be loaded raises UserError naming the version, not the temporary folder it went to; a download that
+    fails (MLflow away) raises as it is, and is not taken for a broken version."""
     with tempfile.TemporaryDirectory(prefix="ddpm-serve-") as tmp:
+        path = version_artifact(client, version, "model", Path(tmp))
+        if path is None:
+            raise UserError(f"v{version} has no model artifact (model.pt)")
         try:
-            model, cfg = load_model(version_artifact(client, version, "model", Path(tmp)), device)
-        except Exception as exc:  # noqa: BLE001 - any fault of the artifact; the caller keeps what it serves
+            model, cfg = load_model(path, device)
+        except Exception as exc:  # noqa: BLE001 - any fault of the file; the caller keeps what it serves
             # The loader's advice ("delete it and rerun the stage") is for a run folder, not a registry.
             reason = first_line(exc).replace(f"{tmp}{os.sep}", "").split(": delete it")[0]
             raise UserError(f"v{version}'s model artifact cannot be loaded ({reason[:200]})") from None
@@ -407,7 +411,8 @@ GRID_PX = 360  # about how wide the page shows a grid: scaled up by the whole fa
 PAGE = """<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>mnist-ddpm</title>
 <style>body{{font:15px sans-serif;margin:2em}} label{{margin-right:1em}} input{{width:4em}}
-#grid{{image-rendering:pixelated;display:block;margin-top:1em}} .error{{color:#b00}}</style></head>
+#grid{{image-rendering:pixelated;display:block;margin-top:1em}} [hidden]{{display:none !important}}
+.error{{color:#b00}}</style></head>
 <body><h1>mnist-ddpm</h1><p>Serving {about}.</p>
 <form id=form novalidate>
 <label id=token-label{token_hidden}>Token <input name=token id=token type=password style="width:12em"></label>

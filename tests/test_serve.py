@@ -431,13 +431,14 @@ def test_the_page_draws_a_grid_in_a_browser(served, tmp_path):
             assert "FLD 10.00," in page.inner_text("body") and page.locator("#grid").is_visible()
             served.use("2")
             page.reload()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('drawn by v2')",
+                                   timeout=60_000)  # the grid drawn on load, before the visitor's own
             page.select_option("select[name=digit]", "7")
             page.select_option("#sampler", "dpm++2m")
             page.fill("#steps", "3")
             page.fill("input[name=n]", "4")
             page.click("#generate")
-            page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=60_000)
-            assert page.evaluate("document.getElementById('grid').naturalWidth") == 2 * 30 + 2
+            page.wait_for_function("document.getElementById('grid').naturalWidth === 2 * 30 + 2", timeout=60_000)
             assert page.inner_text("#version") == "v2" and "drawn by v2" in page.inner_text("#status")
             page.screenshot(path=str(tmp_path / "page.png"))
             page.select_option("#sampler", "ddim")
@@ -610,6 +611,29 @@ def test_with_a_token_generate_needs_it_and_health_never(guarded):
         assert get(guarded.url + "/version", headers=headers)[0] == 401
     assert get(guarded.url + "/health")[0] == 200 and get(guarded.url + "/")[0] == 200
     assert get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=AUTH)[0] == 200
+
+
+def test_the_page_asks_for_the_token_before_drawing(guarded, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(guarded.url + "/")
+            assert page.locator("#token").is_visible() and page.locator("#grid").is_hidden()  # nothing drawn yet
+            page.select_option("#sampler", "ddim")
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className === 'error'")
+            assert page.inner_text("#status").startswith("this service needs its token")
+            page.fill("#token", TOKEN)
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=60_000)
+            assert "drawn by v" in page.inner_text("#status") and page.locator("#grid").is_visible()
+        finally:
+            browser.close()
 
 
 def test_queue_bound_timeout_and_gone_clients(guarded):
