@@ -3,7 +3,7 @@
     ddpm data --out R [--mirror DIR]     ddpm train --out R [--workers N|MIN-MAX]
     ddpm train-classifier --out R        ddpm sample --out R [--workers N]
     ddpm evaluate --out R                ddpm pipeline [--out R] [--from-champion [--more-epochs N]]
-    ddpm model-summary                   ddpm serve [--port 8000] [--mlflow URI]
+    ddpm model-summary                   ddpm serve [--port 8000] [--mlflow URI] [--token T]
     ddpm sweep --out R --guidance 0,1,2  ddpm sweep --out R --steps 4,8,25 [--samplers ddim,dpm++2m]
 
 Every command takes --profile NAME, --config FILE and --set section.key=value. A stage run on an existing run
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_within(int, 1, 64), default=1, help="Serve replicas (default 1)")
     p.add_argument("--replica-cpus", type=_within(float, 0, 64), default=0.0,
                    help="Ray CPUs each replica holds (default 0: none, so training beside it is not starved)")
+    p.add_argument("--max-queued", type=_within(int, 1, 512), default=32,
+                   help="/generate requests a replica holds waiting; past it, 503 with Retry-After (default 32)")
+    p.add_argument("--timeout-s", type=_within(float, 1, 3600), default=60.0,
+                   help="seconds from a request's arrival to its answer; past it, 503 with Retry-After (default 60)")
+    p.add_argument("--token", help="bearer token /generate and /version then need (default $DDPM_SERVE_TOKEN; "
+                                   "the variable keeps it out of the process list)")
     return parser
 
 
@@ -244,16 +251,22 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """`ddpm serve`: blocks until SIGTERM or Ctrl-C (flows/model_service.py)."""
     from flows.model_requests import Limits
-    from flows.model_service import ServiceOptions, serve_until_stopped
+    from flows.model_service import TOKEN_VARIABLE, ServiceOptions, check_listen, check_options, serve_until_stopped
     from flows.preflight import check_mlflow
     from flows.tracking import resolve_runs_dir, tracking_uri
 
     uri = tracking_uri(args.mlflow or "", resolve_runs_dir(Config(), args.runs_dir))
-    check_mlflow(uri)  # one bounded attempt; MLflow's own client would retry for minutes
-    serve_until_stopped(ServiceOptions(
+    options = ServiceOptions(
         tracking_uri=uri, host=args.host, port=args.port, poll_s=args.poll_s,
         limits=Limits(max_images=args.max_images, max_steps=args.max_steps), replicas=args.replicas,
-        replica_cpus=args.replica_cpus))
+        replica_cpus=args.replica_cpus, max_queued=args.max_queued, timeout_s=args.timeout_s,
+        token=args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE) or None)
+    warning = check_listen(options)  # every refusal here comes before Ray starts
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    check_options(options)
+    check_mlflow(uri)  # one bounded attempt; MLflow's own client would retry for minutes
+    serve_until_stopped(options)
 
 
 class Terminated(KeyboardInterrupt):

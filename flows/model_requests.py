@@ -33,7 +33,11 @@ FORMATS = ("png", "json")
 DEFAULT_IMAGES = 16  # a 4 x 4 grid, unless --max-images is lower
 # When the model's own sampler is DDPM over more than --max-steps timesteps: a few-step sampler still answers.
 FALLBACK_SAMPLER = "ddim"
-_WHOLE = re.compile(r"-?\d+")
+_WHOLE = re.compile(r"-?[0-9]+")
+# Every cap and bound is below 10**19; a longer number is refused before `int()`, which takes time on huge strings
+# and raises ValueError past 4,300 digits.
+MAX_DIGITS = 19
+QUOTE_CHARS = 40  # a refusal quotes at most this much of a value: a 20,000-character name is not echoed back
 
 
 class RequestError(UserError):
@@ -73,10 +77,20 @@ def default_sampler(cfg: Config, limits: Limits) -> tuple[str, int]:
     return s.sampler, min(s.steps, limits.max_steps, T)
 
 
+def quoted(text: str) -> str:
+    """`text` as a refusal quotes it: repr of at most QUOTE_CHARS characters, and how long it was if longer."""
+    if len(text) <= QUOTE_CHARS:
+        return repr(text)
+    return f"{text[:QUOTE_CHARS]!r}... ({len(text)} characters)"
+
+
 def _whole(key: str, text: str) -> int:
-    if not _WHOLE.fullmatch(text.strip()):
-        raise RequestError(f"{key}={text!r} is not a whole number")
-    return int(text)
+    digits = text.strip()
+    if not _WHOLE.fullmatch(digits):
+        raise RequestError(f"{key}={quoted(text)} is not a whole number")
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise RequestError(f"{key}={quoted(text)} is out of range: a number of {len(digits.lstrip('-'))} digits")
+    return int(digits)
 
 
 def _in_range(key: str, value: int, low: int, high: int, why: str) -> int:
@@ -92,7 +106,7 @@ def parse_generate(pairs: Iterable[tuple[str, str]], cfg: Config, limits: Limits
     query: dict[str, str] = {}
     for key, value in pairs:
         if key not in QUERY_KEYS:
-            raise RequestError(f"unknown query key {key!r}: use {', '.join(QUERY_KEYS)}")
+            raise RequestError(f"unknown query key {quoted(key)}: use {', '.join(QUERY_KEYS)}")
         if key in query:
             raise RequestError(f"{key} is given twice")
         query[key] = value
@@ -104,7 +118,7 @@ def parse_generate(pairs: Iterable[tuple[str, str]], cfg: Config, limits: Limits
         # A '+' in a URL's query is a space: "sampler=dpm++2m" arrives as "dpm  2m" (and no name has a space).
         sampler = query["sampler"].replace(" ", "+")
         if sampler not in SAMPLERS:
-            raise RequestError(f"sampler {query['sampler']!r} is not one of {', '.join(SAMPLERS)}")
+            raise RequestError(f"sampler {quoted(query['sampler'])} is not one of {', '.join(SAMPLERS)}")
         steps = min(cfg.sample.steps, limits.max_steps, T)
     if SAMPLERS[sampler].all_steps:
         if "steps" in query:
@@ -131,10 +145,10 @@ def parse_generate(pairs: Iterable[tuple[str, str]], cfg: Config, limits: Limits
         try:
             guidance = float(query["guidance"])
         except ValueError:
-            raise RequestError(f"guidance={query['guidance']!r} is not a number") from None
+            raise RequestError(f"guidance={quoted(query['guidance'])} is not a number") from None
         problem = BOUNDS["sample.guidance_scale"].problem(guidance)
         if problem:
-            raise RequestError(f"guidance={query['guidance']} {problem}")
+            raise RequestError(f"guidance={quoted(query['guidance'])} {problem}")
     if "seed" in query:
         seed = _whole("seed", query["seed"])
         problem = SEED.problem(seed)
@@ -144,7 +158,7 @@ def parse_generate(pairs: Iterable[tuple[str, str]], cfg: Config, limits: Limits
         seed = new_seed()
     fmt = query.get("format", "png")
     if fmt not in FORMATS:
-        raise RequestError(f"format={fmt!r}: use one of {', '.join(FORMATS)}")
+        raise RequestError(f"format={quoted(fmt)}: use one of {', '.join(FORMATS)}")
     return GenerateRequest(n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance, digit=digit, format=fmt)
 
 
@@ -163,25 +177,60 @@ def setting_config(cfg: Config, sampler: str, steps: int, guidance: float) -> Co
     return dataclasses.replace(cfg, sample=sampler_spec(cfg, spec, "request")[1])
 
 
-def generate(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, requests: list[GenerateRequest]
-             ) -> list[tuple[np.ndarray, list[int] | None]]:
+def generate(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, requests: list[GenerateRequest],
+             max_images: int | None = None) -> list[tuple[np.ndarray, list[int] | None]]:
     """Each request's images (uint8 [n, H, W]) and labels, in the requests' order: one sampler call per setting
-    over the concatenated noise and labels of the requests that share it."""
+    over the concatenated noise and labels of the requests that share it, split so that one call draws at most
+    `max_images` images (a request larger than that is drawn alone)."""
     shape = (cfg.unet.in_channels, cfg.unet.image_size, cfg.unet.image_size)
     results: list[tuple[np.ndarray, list[int] | None]] = [None] * len(requests)  # type: ignore[list-item]
-    for setting in dict.fromkeys(r.setting for r in requests):
-        members = [i for i, r in enumerate(requests) if r.setting == setting]
+    for members in _calls(requests, max_images):
         seeds = [s for i in members for s in image_seeds(requests[i].seed, 0, requests[i].n)]
         labels = [request_labels(requests[i], cfg) for i in members]
         batch_labels = torch.cat(labels) if labels[0] is not None else None
         noise = make_noise(cfg.sample.noise, seeds, shape)
-        images = run_sampler(model, diffusion, setting_config(cfg, *setting), noise, batch_labels).images
+        images = run_sampler(model, diffusion, setting_config(cfg, *requests[members[0]].setting), noise,
+                             batch_labels).images
         images = model_to_uint8(images.cpu())[:, 0].numpy()
         start = 0
         for i, label in zip(members, labels, strict=True):
             n = requests[i].n
             results[i] = (images[start:start + n], label.tolist() if label is not None else None)
             start += n
+    return results
+
+
+def _calls(requests: list[GenerateRequest], max_images: int | None) -> list[list[int]]:
+    """The requests' indices, grouped into sampler calls: one setting each, at most `max_images` images each."""
+    calls: list[list[int]] = []
+    for setting in dict.fromkeys(r.setting for r in requests):
+        call: list[int] = []
+        for i, r in enumerate(requests):
+            if r.setting != setting:
+                continue
+            if call and max_images is not None and sum(requests[j].n for j in call) + r.n > max_images:
+                calls.append(call)
+                call = []
+            call.append(i)
+        calls.append(call)
+    return calls
+
+
+def generate_each(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, requests: list[GenerateRequest],
+                  max_images: int | None = None) -> list[tuple[np.ndarray, list[int] | None] | Exception]:
+    """`generate`, where an exception while drawing fails only the request that raised it: when the batch fails,
+    each request is drawn again alone, and a request that fails alone gets its exception in its place."""
+    try:
+        return generate(model, diffusion, cfg, requests, max_images)
+    except Exception as exc:  # noqa: BLE001 - which request failed is found below; the rest are answered
+        if len(requests) == 1:
+            return [exc]
+    results: list[tuple[np.ndarray, list[int] | None] | Exception] = []
+    for request in requests:
+        try:
+            results.append(generate(model, diffusion, cfg, [request], max_images)[0])
+        except Exception as exc:  # noqa: BLE001 - this request's failure, answered to it alone
+            results.append(exc)
     return results
 
 

@@ -58,10 +58,12 @@ def set_champion(uri: str, version: str) -> None:
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(UNET_MODEL, CHAMPION, version)
 
 
-def get(url: str, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of a GET, 4xx/5xx included."""
+def get(url: str, timeout: float = 60, headers: dict[str, str] | None = None, method: str = "GET"
+        ) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a GET (or `method`), 4xx/5xx included."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers or {}, method=method)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
@@ -82,8 +84,9 @@ class Service:
     log: Path
 
     @classmethod
-    def start(cls, uri: str, port: int, log: Path, *args: str, timeout: float = 120) -> Service:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
+    def start(cls, uri: str, port: int, log: Path, *args: str, timeout: float = 120,
+              env: dict[str, str] | None = None) -> Service:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
         env.pop("RAY_ADDRESS", None)
         process = subprocess.Popen([str(DDPM), "serve", "--port", str(port), *args], env=env, cwd=REPO,
                                    stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,7 +15,10 @@ import io
 import itertools
 import json
 import os
+import socket
+import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from netcheck import descendants, free_ports, is_loopback, listeners_of
-from served import Service, get, get_json, register_versions, set_champion
+from served import DDPM, Service, get, get_json, register_versions, set_champion
 
 from ddpm.checkpoints import load_model
 from ddpm.config import load_config
@@ -38,11 +41,13 @@ from flows.model_requests import (
     DEFAULT_IMAGES,
     FALLBACK_SAMPLER,
     QUERY_KEYS,
+    QUOTE_CHARS,
     GenerateRequest,
     Limits,
     RequestError,
     default_sampler,
     generate,
+    generate_each,
     parse_generate,
 )
 
@@ -105,6 +110,36 @@ def test_each_bad_query_is_refused_in_one_line(query, conditional, limits, says)
     assert says in message and "\n" not in message, message
 
 
+NUMBERS = ["9" * 5000, "-" + "9" * 5000, "0" * 5000 + "1", "1_000", "0x10", "1e3", "+1", " ", "", "\uff11",
+           "\u0663", "1" * 20]
+
+
+@pytest.mark.parametrize("key", ["n", "steps", "digit", "seed", "guidance"])
+def test_numbers_of_any_length_and_form_are_refused_in_one_short_line(key):
+    """Each number key, each malformed or huge value: a RequestError (HTTP 400) of one line quoting at most
+    QUOTE_CHARS characters of the value; never a ValueError (HTTP 500) from `int()` past 4,300 digits."""
+    prefix = "sampler=ddim&" if key == "steps" else ""
+    for value in NUMBERS + (["nan", "inf", "9" * 400] if key == "guidance" else []):
+        if key == "guidance" and value in ("1_000", "1e3", "+1", "\uff11", "\u0663", "1" * 20, "0" * 5000 + "1"):
+            continue  # float() reads these; the bounds decide
+        with pytest.raises(RequestError) as refused:
+            parse(f"{prefix}{key}={value}", conditional=True)
+        message = str(refused.value)
+        assert "\n" not in message and len(message) < 250, (key, value[:50], message)
+        assert len(value) <= QUOTE_CHARS or value[:QUOTE_CHARS + 1] not in message, (key, value[:50], message)
+
+
+def test_no_refusal_quotes_more_than_a_few_dozen_characters_of_its_input():
+    long = "x" * 20_000
+    for query in [f"sampler={long}", f"format={long}", f"{long}=1", f"guidance={long}", f"n={long}",
+                  f"seed={'7' * 20_000}"]:
+        with pytest.raises(RequestError) as refused:
+            parse(query, conditional=True)
+        message = str(refused.value)
+        assert len(message) < 250 and "x" * (QUOTE_CHARS + 1) not in message and "7" * (QUOTE_CHARS + 1) not in \
+            message, message
+
+
 def test_defaults_are_the_models_own_recipe_within_the_caps():
     cfg = smoke(False)  # smoke samples with DDPM over T = 20
     assert default_sampler(cfg, Limits(max_steps=20)) == ("ddpm", 20)
@@ -140,6 +175,73 @@ def test_a_batch_draws_each_request_as_it_would_be_drawn_alone():
     assert together[0][1] == labels_for(0, 3, cfg.unet).tolist() and together[1][1] == [7, 7]
 
 
+def test_a_request_that_fails_while_drawing_fails_alone():
+    """A request that raises inside the sampler call (here a label outside the model's embedding, which
+    parse_generate would refuse) gets its exception; the requests batched with it get their images."""
+    cfg = smoke(True)
+    torch.manual_seed(0)
+    model, diffusion = load_model_from(cfg), GaussianDiffusion.from_config(cfg.diffusion)
+    good = [GenerateRequest(n=2, seed=s, sampler="ddim", steps=2, guidance=1.0, digit=3) for s in (1, 2)]
+    bad = GenerateRequest(n=1, seed=3, sampler="ddim", steps=2, guidance=1.0, digit=12)
+    answers = generate_each(model, diffusion, cfg, [good[0], bad, good[1]])
+    assert isinstance(answers[1], IndexError)
+    for request, answer in zip(good, (answers[0], answers[2]), strict=True):
+        assert near(answer[0], generate(model, diffusion, cfg, [request])[0][0]) and answer[1] == [3, 3]
+
+
+def test_one_sampler_call_draws_at_most_the_cap():
+    from flows.model_requests import _calls
+
+    requests = [GenerateRequest(n=n, seed=i, sampler="ddim", steps=2, guidance=1.0, digit=None)
+                for i, n in enumerate((3, 3, 3, 8))]
+    assert _calls(requests, 6) == [[0, 1], [2], [3]] and _calls(requests, None) == [[0, 1, 2, 3]]
+    cfg = smoke(False)
+    model, diffusion = load_model_from(cfg), GaussianDiffusion.from_config(cfg.diffusion)
+    split, whole = generate(model, diffusion, cfg, requests, 6), generate(model, diffusion, cfg, requests)
+    assert all(near(a[0], b[0]) for a, b in zip(split, whole, strict=True))
+
+
+def serve_refusal(*args: str) -> tuple[int, list[str], float]:
+    """`ddpm serve ARGS` run to its end: exit status, stderr lines, seconds."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.monotonic()
+    done = subprocess.run([str(DDPM), "serve", *args], env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr.splitlines(), time.monotonic() - start
+
+
+def test_bad_serve_flags_and_uris_are_refused_in_one_line_before_ray_starts():
+    port = str(free_ports(1)[0])
+    status, lines, took = serve_refusal("--port", port, "--mlflow", "bogus://x")
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: --mlflow") and "'bogus://x'" in lines[0]
+    assert took < 60, took  # a Ray start and its 281 lines took 28 s
+    # A host that is not loopback: one warning naming the token, then (here) the refusal of the URI.
+    status, lines, _ = serve_refusal("--host", "0.0.0.0", "--port", port, "--mlflow", "bogus://x")
+    assert status == 2 and len(lines) == 2 and lines[0].startswith("warning: --host 0.0.0.0 is not loopback")
+    assert "--token" in lines[0] and lines[1].startswith("error: --mlflow")
+
+
+def test_each_bad_serve_flag_is_refused_in_one_line(capsys, tmp_path):
+    """In-process (the checks above, without a new interpreter each): no Ray is started by any of them."""
+    import ray
+
+    from flows.cli import main
+
+    port = str(free_ports(1)[0])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = str(busy.getsockname()[1])
+        for args, says in [(("--host", "no.such.host.invalid"), "--host"), (("--token", "short"), "16 visible"),
+                           (("--mlflow", "sqlite://relative.db"), "not a SQLite file"),
+                           (("--mlflow", "ftp://x"), "not a registry"), (("--max-queued", "0"), "[1, 512]"),
+                           (("--timeout-s", "nan"), "--timeout-s"), (("--port", taken), "cannot listen there")]:
+            assert main(["serve", "--port", port, "--runs-dir", str(tmp_path), *args]) == 2, args
+            lines = capsys.readouterr().err.splitlines()
+            assert len(lines) == 1 and says in lines[0], (args, lines)
+    assert not ray.is_initialized() and not list(tmp_path.iterdir())  # no Ray, no store created
+
+
 def load_model_from(cfg):
     from ddpm.models import build_unet
 
@@ -172,6 +274,20 @@ def test_a_failing_poll_keeps_the_current_model(tmp_path, capsys):
     assert follower.problem is None and "works again" in capsys.readouterr().out
     missing = tmp_path / "elsewhere" / "mlflow.db"  # a store not created yet is not created by the service
     assert Follower(f"sqlite:///{missing}", 3600, torch.device("cpu")).current is None and not missing.exists()
+
+
+def test_with_no_version_that_loads_the_follower_says_why(tmp_path):
+    """The champion broken and no other version: nothing is served, and the reason names the version."""
+    from flows.model_service import Follower, no_champion_message
+
+    uri, versions = register_versions(tmp_path, [("smoke", False, 1)])
+    break_artifact(uri, versions[0])
+    set_champion(uri, versions[0])
+    follower = Follower(uri, poll_s=3600, device=torch.device("cpu"))
+    assert follower.current is None and follower.champion == "1" and follower.problem is None
+    assert follower.stale.startswith("champion v1's model artifact cannot be loaded")
+    message = no_champion_message(uri, follower.stale)
+    assert message.startswith("nothing to serve: champion v1") and "\n" not in message and str(tmp_path) not in message
 
 
 # -- one real service --------------------------------------------------------------------------------------------
@@ -306,15 +422,23 @@ def test_the_page_draws_a_grid_in_a_browser(served, tmp_path):
             page = browser.new_page()
             page.goto(served.service.url + "/")
             assert page.locator("#digit-label").is_hidden()  # v1 is unconditional
+            # A first-time visitor sees a grid at once, the FLD rounded, and 28-pixel digits scaled up, pixelated.
+            page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=60_000)
+            natural = page.evaluate("document.getElementById('grid').naturalWidth")
+            shown = page.evaluate("document.getElementById('grid').getBoundingClientRect().width")
+            assert natural == 4 * 30 + 2 and shown % natural == 0 and shown // natural >= 2, (natural, shown)
+            assert page.evaluate("getComputedStyle(document.getElementById('grid')).imageRendering") == "pixelated"
+            assert "FLD 10.00," in page.inner_text("body") and page.locator("#grid").is_visible()
             served.use("2")
             page.reload()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('drawn by v2')",
+                                   timeout=60_000)  # the grid drawn on load, before the visitor's own
             page.select_option("select[name=digit]", "7")
             page.select_option("#sampler", "dpm++2m")
             page.fill("#steps", "3")
             page.fill("input[name=n]", "4")
             page.click("#generate")
-            page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=60_000)
-            assert page.evaluate("document.getElementById('grid').naturalWidth") == 2 * 30 + 2
+            page.wait_for_function("document.getElementById('grid').naturalWidth === 2 * 30 + 2", timeout=60_000)
             assert page.inner_text("#version") == "v2" and "drawn by v2" in page.inner_text("#status")
             page.screenshot(path=str(tmp_path / "page.png"))
             page.select_option("#sampler", "ddim")
@@ -325,6 +449,31 @@ def test_the_page_draws_a_grid_in_a_browser(served, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_a_bad_request_among_good_ones_fails_alone(served):
+    """Six good requests and one with a 5,000-digit seed, sent at the same moment: six images, one 400."""
+    served.use("1")
+    queries = [f"n=2&seed={i}&sampler=ddim&steps=3&format=json" for i in range(6)] + [f"n=2&seed={'9' * 5000}"]
+    with ThreadPoolExecutor(len(queries)) as pool:
+        answers = list(pool.map(lambda q: get(f"{served.service.url}/generate?{q}"), queries))
+    for i, (status, _, body) in enumerate(answers[:6]):
+        assert status == 200 and near(np.array(json.loads(body)["images"], dtype=np.uint8),
+                                      served.expected("1", i, 2, "ddim", 3))
+    status, _, body = answers[6]
+    assert status == 400 and body.decode().count("\n") == 1 and "9" * (QUOTE_CHARS + 1) not in body.decode()
+
+
+def test_head_draws_nothing(served):
+    served.use("1")
+    before = served.service.health()
+    start = time.monotonic()
+    status, headers, body = get(f"{served.service.url}/generate?n=64&sampler=ddim&steps=20", method="HEAD")
+    assert status == 200 and body == b"" and headers["content-type"] == "image/png"
+    assert headers["x-model-version"] == "1" and time.monotonic() - start < 2
+    assert get(f"{served.service.url}/generate?n=0", method="HEAD")[0] == 400  # still checked
+    after = served.service.health()
+    assert (after["requests"], after["batch_sizes"]) == (before["requests"], before["batch_sizes"])
 
 
 def test_load_while_the_champion_moves(served):
@@ -395,3 +544,130 @@ def test_sigterm_stops_the_service_and_its_ray(served):
     alive = [pid for pid in tree if os.path.exists(f"/proc/{pid}")
              and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"]
     assert not alive, [Path(f"/proc/{pid}/cmdline").read_text() for pid in alive]
+
+
+# -- a second service: started on a broken champion, with a queue of one, a short timeout and a token ----------
+
+TOKEN = "t0ken-for-the-tests-" + "x" * 8
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BIG = 256  # images of a request that keeps the replica busy for seconds (DDPM over smoke's 20 steps)
+
+
+def break_artifact(uri: str, version: str) -> None:
+    """Truncate version `version`'s registered model.pt in the artifact store, as a failed upload would."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import UNET_MODEL
+
+    source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(UNET_MODEL, version)
+    found = list(Path(urlsplit(source).path).rglob("model.pt"))
+    assert found, source
+    for path in found:
+        path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory) -> Service:
+    root = tmp_path_factory.mktemp("guarded")
+    uri, versions = register_versions(root, [("smoke", False, 1), ("smoke", True, 2), ("smoke", False, 3)])
+    break_artifact(uri, versions[2])
+    set_champion(uri, versions[2])
+    service = Service.start(uri, free_ports(1)[0], root / "serve.log", "--poll-s", "1", "--max-queued", "1",
+                            "--timeout-s", "3", "--max-images", str(BIG), env={"DDPM_SERVE_TOKEN": TOKEN})
+    service.uri = uri
+    try:
+        yield service
+    finally:
+        assert service.stop() == 0
+
+
+def test_a_replica_started_on_a_broken_champion_serves_the_newest_version_that_loads(guarded):
+    health = guarded.health()
+    assert (health["status"], health["version"], health["champion"]) == ("stale", "2", "3"), health
+    assert health["stale"].startswith("champion v3's model artifact cannot be loaded")
+    assert "ddpm-serve-" not in health["stale"] and "delete it" not in health["stale"], health["stale"]
+    status, headers, _ = get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=AUTH)
+    assert status == 200 and headers["x-model-version"] == "2"
+    page = get(guarded.url + "/")[2].decode()
+    assert "<b id=version>v2</b>" in page and "Not the champion: champion v3" in page
+    set_champion(guarded.uri, "1")  # a loadable champion: served, and no longer stale
+    guarded.wait_for_version("1")
+    assert guarded.health()["status"] == "ready" and guarded.health()["stale"] is None
+    set_champion(guarded.uri, "3")  # broken again, while serving: v1 stays in service
+    deadline = time.monotonic() + 30
+    while guarded.health()["status"] != "stale":
+        assert time.monotonic() < deadline, guarded.health()
+        time.sleep(0.2)
+    assert (guarded.health()["version"], guarded.health()["champion"]) == ("1", "3")
+    assert get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=AUTH)[1]["x-model-version"] == "1"
+
+
+def test_with_a_token_generate_needs_it_and_health_never(guarded):
+    for headers in ({}, {"Authorization": "Bearer wrong-token-of-enough-length"}, {"Authorization": TOKEN}):
+        status, answer_headers, body = get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=headers)
+        assert status == 401 and answer_headers["www-authenticate"] == "Bearer" and body.decode().count("\n") == 1
+        assert get(guarded.url + "/version", headers=headers)[0] == 401
+    assert get(guarded.url + "/health")[0] == 200 and get(guarded.url + "/")[0] == 200
+    assert get(guarded.url + "/generate?n=1&sampler=ddim&steps=2", headers=AUTH)[0] == 200
+
+
+def test_the_page_asks_for_the_token_before_drawing(guarded, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(guarded.url + "/")
+            assert page.locator("#token").is_visible() and page.locator("#grid").is_hidden()  # nothing drawn yet
+            page.select_option("#sampler", "ddim")
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').className === 'error'")
+            assert page.inner_text("#status").startswith("this service needs its token")
+            page.fill("#token", TOKEN)
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=60_000)
+            assert "drawn by v" in page.inner_text("#status") and page.locator("#grid").is_visible()
+        finally:
+            browser.close()
+
+
+def test_queue_bound_timeout_and_gone_clients(guarded):
+    """A big request keeps the replica busy: it is answered 503 after --timeout-s (its batch goes on); the next
+    request waits in the queue of one, and its client leaves; one more is refused at once with Retry-After. The
+    request whose client left is never drawn; /health answers at once throughout."""
+    before = guarded.health()["requests"]
+    big = ThreadPoolExecutor(1).submit(get, f"{guarded.url}/generate?n={BIG}&seed=1", 60, AUTH)
+    deadline = time.monotonic() + 30
+    while guarded.health()["drawing"] == 0:  # the big request's batch has started
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sent = time.monotonic()
+    with pytest.raises(TimeoutError):  # this client leaves while its request waits in the queue
+        get(f"{guarded.url}/generate?n=1&seed=2&sampler=ddim&steps=2", 0.5, AUTH)
+    while guarded.health()["queued"]:  # Serve cancels it: it leaves the queue before its 3 s timeout
+        assert time.monotonic() - sent < 2.5, guarded.health()
+        time.sleep(0.05)
+    start = time.monotonic()
+    assert guarded.health()["drawing"] == 1 and time.monotonic() - start < 1  # /health answers at once
+    waiting = ThreadPoolExecutor(1).submit(get, f"{guarded.url}/generate?n=1&seed=3&sampler=ddim&steps=2", 60, AUTH)
+    while guarded.health()["queued"] == 0:
+        time.sleep(0.05)
+    start = time.monotonic()
+    status, headers, body = get(f"{guarded.url}/generate?n=1&seed=4&sampler=ddim&steps=2", headers=AUTH)
+    assert status == 503 and time.monotonic() - start < 1 and int(headers["retry-after"]) >= 1, (status, body)
+    assert body.decode().startswith("busy: 1 requests are waiting (--max-queued)")
+    status, headers, body = big.result()
+    assert status == 503 and "--timeout-s 3" in body.decode() and int(headers["retry-after"]) >= 1
+    status, _, _ = waiting.result()  # drawn after the big batch, or timed out behind it: never a hang
+    assert status in (200, 503)
+    while guarded.health()["drawing"] or guarded.health()["queued"]:
+        time.sleep(0.1)
+    after = guarded.health()["requests"]
+    grew = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    assert grew["busy"] == 1 and grew["gone"] >= 1 and grew["timed out"] >= 1, grew
+    assert grew["drawn"] == (2 if status == 200 else 1), grew  # the big one (and the waiting one), never the gone
