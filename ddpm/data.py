@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -273,18 +274,8 @@ def _remove_leftovers(out_dir: Path) -> None:
     """Temp folders of earlier writers that died (SIGTERM, a crash) before they could clean up."""
     for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = leftover.name.split("-")[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:

@@ -5,13 +5,13 @@ and the champion U-Net served over HTTP by Ray Serve on the head (`ddpm serve`).
 
 Every service binds to 127.0.0.1. All state lives under $CLUSTER_DIR (default <repo>/.cluster):
 
-    <svc>.pid        "<pid> <start ticks> <start epoch>" of the process we started (leader of its own session)
+    <svc>.pid        "<pid> <start time> <start epoch>" of the process we started (leader of its own session)
     logs/<svc>.log   its stdout and stderr
     ray/ prefect/ mlflow/ runs/   the services' data; env: a file to `source` that points a shell at them
 
 `down` stops only the processes named by our pid files (their sessions, process groups and descendants), never
-"every Ray on the machine" as `ray stop` would. The stdlib and `flows.RAY_NODE_ENV` (a dict of settings in a
-module that imports only os): it runs under the project's venv Python.
+"every Ray on the machine" as `ray stop` would. The stdlib, psutil and `flows.RAY_NODE_ENV` (a dict of settings in
+a module that imports only os): it runs under the project's venv Python.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+import psutil
 
 from flows import RAY_NODE_ENV
 
@@ -183,49 +185,51 @@ def _no_proxy() -> str:
 # processes
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ...]; None if gone."""
+def _process(pid: int) -> psutil.Process | None:
+    """The running process `pid` (not a zombie), or None."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        process = psutil.Process(pid)
+        return None if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) else process
+    except psutil.Error:
         return None
-    return raw[raw.rfind(")") + 2:].split()
 
 
 def _start_time(pid: int) -> str | None:
-    fields = _proc_stat(pid)
-    return fields[19] if fields else None  # field 22 of stat: start time in clock ticks since boot
+    """When `pid` started, to psutil's 10 ms: with the pid it names one process, since a reused pid starts later."""
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return None
+
+
+def _same_start(pid: int, recorded: str) -> bool:
+    """`pid` still runs the process whose start a pid file recorded (clock ticks since boot, before psutil)."""
+    now = _start_time(pid)
+    if now is None or "." in recorded:
+        return now == recorded
+    ticks = round((float(now) - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+    return str(ticks) == recorded
 
 
 def _alive(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def _all_procs() -> dict[int, list[str]]:
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _proc_stat(int(entry))
-            if fields:
-                procs[int(entry)] = fields
-    return procs
+    return _process(pid) is not None
 
 
 def _family(leader: int) -> set[int]:
     """The leader, its session and process group, and all its descendants (Prefect runs flows in new sessions)."""
-    procs = _all_procs()
-    members = {pid for pid, f in procs.items() if pid == leader or int(f[2]) == leader or int(f[3]) == leader}
-    children: dict[int, list[int]] = {}
-    for pid, f in procs.items():
-        children.setdefault(int(f[1]), []).append(pid)
-    stack = list(members)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in members:
-                members.add(child)
-                stack.append(child)
-    return {pid for pid in members if procs[pid][0] not in ("Z", "X")}
+    members = {leader}
+    for process in psutil.process_iter():
+        try:
+            if leader in (os.getpgid(process.pid), os.getsid(process.pid)):
+                members.add(process.pid)
+        except OSError:  # gone since the listing
+            pass
+    for pid in list(members):
+        try:
+            members.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return {pid for pid in members if _alive(pid)}
 
 
 def _signal(pids: set[int], sig: int) -> None:
@@ -258,12 +262,11 @@ def stop_family(leader: int, timeout: float) -> None:
         _wait_gone(left | late, 5)
 
 
-def leftovers(leader: int, ticks: str) -> set[int]:
+def leftovers(leader: int, started: str) -> set[int]:
     """Processes still in the session or process group of a leader that died (e.g. killed with SIGKILL: its
     uvicorn child lives on and keeps the port). Linux does not reuse a pid while it still names a session or process
     group, so these are ours, unless the pid now runs another process (a different start time): then nothing is."""
-    now = _start_time(leader)
-    if now is not None and now != ticks:
+    if _start_time(leader) is not None and not _same_start(leader, started):
         return set()
     return {pid for pid in _family(leader) if pid != leader}
 
@@ -486,7 +489,7 @@ def log_file(s: Settings, svc: Service) -> Path:
 
 
 def read_pid_file(path: Path) -> tuple[int | None, str, float]:
-    """(pid, start time in clock ticks since boot, start time in seconds since the epoch) of a pid file."""
+    """(pid, its start time (`_start_time`), start time in seconds since the epoch) of a pid file."""
     try:
         parts = path.read_text().split() + ["", "0"]
         return int(parts[0]), parts[1], float(parts[2])
@@ -497,13 +500,13 @@ def read_pid_file(path: Path) -> tuple[int | None, str, float]:
 def read_pid(s: Settings, svc: Service) -> tuple[int | None, bool]:
     """(pid, alive) from the pid file; alive only if that pid still runs the process we started: its start time
     must match too, so a pid reused after a reboot is not taken for ours."""
-    pid, ticks, _ = read_pid_file(pid_file(s, svc))
-    return pid, pid is not None and _alive(pid) and _start_time(pid) == ticks
+    pid, started, _ = read_pid_file(pid_file(s, svc))
+    return pid, pid is not None and _alive(pid) and _same_start(pid, started)
 
 
 def _stop_leftovers(s: Settings, svc: Service) -> None:
-    pid, ticks, _ = read_pid_file(pid_file(s, svc))
-    left = leftovers(pid, ticks) if pid is not None else set()
+    pid, started, _ = read_pid_file(pid_file(s, svc))
+    left = leftovers(pid, started) if pid is not None else set()
     if left:
         print(f"{svc.name:8} stopping {len(left)} leftover process(es) of its session: {sorted(left)}", flush=True)
         _signal(left, signal.SIGTERM)
