@@ -334,17 +334,18 @@ form.addEventListener("submit", async (event) => {{
 def deploy(options: ServiceOptions) -> str:
     """Start Serve on the Ray this process joined (`flows.distributed.init_ray`), its HTTP proxy on
     options.host:port, and deploy the app: replicas on GPUs where the cluster has them. Returns the URL."""
-    from flows.distributed import cluster_gpus
+    from flows.gpu_share import SERVICE_GPU_SHARE, cluster_gpus
 
     gpus = cluster_gpus()
     if gpus and options.replicas > gpus:
-        raise UserError(f"--replicas {options.replicas}: each replica takes a GPU and the cluster has {gpus}")
+        raise UserError(f"--replicas {options.replicas}: each replica takes {SERVICE_GPU_SHARE:g} of its own GPU "
+                        f"(the rest is the pipeline's) and the cluster has {gpus}; use --replicas {gpus} or fewer")
     serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port},
                 logging_config={"enable_access_log": False})
     settings = {"tracking_uri": options.tracking_uri, "poll_s": options.poll_s, "limits": asdict(options.limits),
                 "replicas": options.replicas}
     app = ChampionService.options(num_replicas=options.replicas, ray_actor_options={
-        "num_cpus": options.replica_cpus, "num_gpus": 1 if gpus else 0}).bind(settings)
+        "num_cpus": options.replica_cpus, "num_gpus": SERVICE_GPU_SHARE if gpus else 0}).bind(settings)
     serve.run(app, name=APP, route_prefix="/", logging_config={"enable_access_log": False})
     return options.url
 
