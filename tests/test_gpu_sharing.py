@@ -174,8 +174,8 @@ def test_the_smoke_flow_completes_beside_the_service_on_logical_gpus(gpus, runs,
 
 @pytest.mark.slow
 def test_a_stage_that_cannot_get_a_gpu_share_stops_within_the_bound_naming_the_holders(smoke_run, tmp_path):
-    """One logical GPU, the service on a quarter of it and another job on the rest: `ddpm train` on the cluster
-    waits at most $DDPM_RESOURCE_WAIT_S, then stops in one line saying what it waits for and who holds it."""
+    """One logical GPU, the service on a quarter of it and another job on the rest: `ddpm train --workers 2` (Ray
+    Train) waits at most $DDPM_RESOURCE_WAIT_S, then stops in one line saying what it waits for and who holds it."""
     cluster = LogicalGpuCluster(1)
     (port,) = free_ports(1)
     service = holder = None
@@ -188,13 +188,13 @@ def test_a_stage_that_cannot_get_a_gpu_share_stops_within_the_bound_naming_the_h
                                   start_new_session=True)
         assert holder.stdout.readline().strip() == "holding"
         start = time.monotonic()
-        done = subprocess.run([str(BIN / "ddpm"), "train", "--out", str(smoke_run), "--profile", "smoke"],
-                              env={**cluster.env, "DDPM_RESOURCE_WAIT_S": "5"}, cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        command = [str(BIN / "ddpm"), "train", "--out", str(smoke_run), "--profile", "smoke", "--workers", "2"]
+        done = subprocess.run(command, env={**cluster.env, "DDPM_RESOURCE_WAIT_S": "5"}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
         seconds = time.monotonic() - start
         assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
         lines = done.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: train-unet waits for 1 GPU worker share"), done.stderr[-3000:]
+        assert lines[-1].startswith("error: train-unet waits for 2 GPU worker shares"), done.stderr[-3000:]
         assert "the model service (1 replica)" in lines[-1] and "GpuHog" in lines[-1], lines[-1]
         assert "DDPM_RESOURCE_WAIT_S" in lines[-1] and "Traceback" not in done.stderr
         assert seconds < 90, seconds
