@@ -6,6 +6,9 @@ exactly what the flow's register task leaves.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from ddpm.checkpoints import sampling_weights, save_checkpoint
@@ -73,8 +76,9 @@ def test_unknown_policy_is_refused(tracker):
         tracker.decide_promotion("1", 1.0, "lenet-a", "sometimes")
 
 
-def registry(root, champion_fld: float):
-    """A fresh store with a champion at `champion_fld`, and a Tracker per pipeline run on it."""
+def registry(root, champion_fld: float, uri: str | None = None):
+    """A fresh store (SQLite under `root`, or the server at `uri`) with a champion at `champion_fld`, and a Tracker
+    per pipeline run on it."""
     import torch
 
     from flows.tracking import Tracker
@@ -82,7 +86,7 @@ def registry(root, champion_fld: float):
     paths = RunPaths(root / "run")
     untrained = DiffusionTrainer(load_config("smoke"), torch.device("cpu")).state_dict()
     save_checkpoint(sampling_weights(untrained), paths.model)
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = uri or f"sqlite:///{root}/mlflow.db"
 
     def tracker(name: str):
         found = Tracker.start(uri, "promotion-test", name, root, tags={})
@@ -95,15 +99,28 @@ def registry(root, champion_fld: float):
     return tracker, paths
 
 
-def test_two_promotions_at_once_leave_the_better_model_champion(tmp_path, monkeypatch):
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_two_promotions_at_once_leave_the_better_model_champion(store, tmp_path, monkeypatch):
     """Two retrains of champion v1 (FLD 10) finish together: one at FLD 5, one at FLD 8. Each reads the champion
-    and sets it; the worse one reads slowly, so without the lock it would read v1, set its version last and win."""
-    import threading
-    import time
+    and sets it; the worse one reads slowly, so without the lock it would read v1, set its version last and win.
+    On a SQLite store and through a real tracking server (the lock is the registry's, whichever it is)."""
+    from test_faults import MlflowServer
 
+    server = None
+    if store == "server":
+        server = MlflowServer(tmp_path / "server")
+        server.start()
+    try:
+        two_promotions_at_once(tmp_path, monkeypatch, server.uri if server else None)
+    finally:
+        if server is not None:
+            server.kill()
+
+
+def two_promotions_at_once(tmp_path, monkeypatch, uri: str | None) -> None:
     from flows.tracking import Tracker
 
-    tracker, _ = registry(tmp_path, 10.0)
+    tracker, _ = registry(tmp_path, 10.0, uri)
     runs = {"better": (tracker("better"), 5.0), "worse": (tracker("worse"), 8.0)}
     versions = {name: register(t, fld, "lenet-a") for name, (t, fld) in runs.items()}
     read = Tracker.champion
