@@ -44,8 +44,9 @@ from flows.gpu_share import (
     WORKER_GPU_SHARE,
     ResourceWaitError,
     cluster_gpus,
+    first_ready,
+    free_gpu_slots,
     resource_wait_s,
-    wait_for_gpu_slots,
     waits_message,
 )
 from flows.mlflow_writer import epoch_metrics_for_tracking, live_curve
@@ -310,19 +311,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def cuda_on_gpu_workers(stage: str) -> bool:
-    """Whether the cluster's GPUs are CUDA devices, asked where a GPU worker runs (the driver may have no GPU).
-    Ray's GPUs may be logical ones (`ray start --num-gpus=N` on a machine without CUDA): NCCL cannot start
-    there, and DDP goes over gloo on the CPU instead."""
+def cuda_on_gpu_workers(stage: str, needed: int, log=None) -> bool:
+    """Whether the cluster's GPUs are CUDA devices, asked on a GPU worker share (the driver may have no GPU); the
+    first bounded wait for the `needed` shares of `stage`. Ray's GPUs may be logical ones (`ray start --num-gpus=N`
+    on a machine without CUDA): NCCL cannot start there, and DDP goes over gloo on the CPU instead."""
     import ray
-    from ray.exceptions import GetTimeoutError
 
     probe = ray.remote(num_cpus=0, num_gpus=WORKER_GPU_SHARE)(_cuda_available).remote()
     try:
-        return ray.get(probe, timeout=resource_wait_s())
-    except GetTimeoutError:
+        return ray.get(first_ready([probe], stage, needed, log)[0])
+    except ResourceWaitError:
         ray.cancel(probe, force=True)
-        raise ResourceWaitError(waits_message(stage, 1, resource_wait_s())) from None
+        raise
 
 
 def ray_run_name(paths: RunPaths) -> str:
@@ -378,8 +378,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     fewest, most = worker_range(cfg.train)
     backend, per_worker = None, None  # Ray Train's defaults: gloo and one CPU a worker
     if use_gpu:
-        wait_for_gpu_slots(TRAIN_STAGE, fewest, log=log)
-        backend = "nccl" if cuda_on_gpu_workers(TRAIN_STAGE) else "gloo"
+        backend = "nccl" if cuda_on_gpu_workers(TRAIN_STAGE, fewest, log) else "gloo"
         per_worker = {"GPU": WORKER_GPU_SHARE}  # beside a model-service replica (flows.gpu_share)
     validation = None
     in_tasks = cfg.train.epoch_fld_samples > 0 and scoring_in_tasks(cfg, use_gpu)
@@ -479,11 +478,12 @@ def placed_actors(actors: list, stage: str, log=None) -> list:
     import ray
 
     pending = {actor.ready.remote(): actor for actor in actors}
-    first, _ = ray.wait(list(pending), num_returns=1, timeout=resource_wait_s())
-    if not first:
+    try:
+        first_ready(list(pending), stage, 1, log)
+    except ResourceWaitError:
         for actor in actors:
             ray.kill(actor)
-        raise ResourceWaitError(waits_message(stage, 1, resource_wait_s()))
+        raise
     ready, waiting = ray.wait(list(pending), num_returns=len(pending), timeout=PLACEMENT_GRACE_S)
     ray.get(ready)  # an actor that failed to start raises its own error here
     for ref in waiting:
@@ -507,8 +507,9 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
 
         init_ray()
         if cluster_gpus():
-            # One actor per GPU worker share free now (beside the model service), not per GPU there.
-            n = min(wait_for_gpu_slots(SAMPLE_STAGE, 1), len(shards))
+            # One actor per GPU worker share free now (beside the model service), not per GPU there; at least one,
+            # whose request an autoscaling cluster sees.
+            n = max(1, min(free_gpu_slots(), len(shards)))
             resources = {"num_gpus": WORKER_GPU_SHARE, "num_cpus": 1}
         else:
             n, resources = cfg.sample.num_actors, {"num_cpus": 1}

@@ -7,12 +7,13 @@ GPU instance, so two shares never add up across GPUs: `ddpm serve` therefore run
 
 A stage sizes its GPU workers from the GPUs free now, not the GPUs there, and waits for the ones it needs at most
 $DDPM_RESOURCE_WAIT_S seconds; then it stops with one line naming what it waits for and what holds the GPUs.
+It waits on real requests to Ray (a task, actors, Ray Train's worker group), never on a poll of the free GPUs:
+an autoscaling cluster only adds a GPU node for a request it sees.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ WORKER_GPU_SHARE = 1.0 - SERVICE_GPU_SHARE
 WAIT_VARIABLE = "DDPM_RESOURCE_WAIT_S"
 # Long enough for a peer pipeline's sampling or a short training run to hand its GPUs back; longer is a hang.
 DEFAULT_WAIT_S = 600.0
-POLL_S = 2.0
+QUIET_S = 10.0  # a placement this quick is a worker starting, not a wait worth a line
 SERVE_APP_PREFIX = "ServeReplica:mnist-ddpm:"  # a replica's actor class name: ServeReplica:<app>:<deployment>
 
 
@@ -81,20 +82,18 @@ def waits_message(stage: str, needed: int, waited: float) -> str:
             f"{SERVICE_GPU_SHARE:g} of a GPU per replica), or raise ${WAIT_VARIABLE}")
 
 
-def wait_for_gpu_slots(stage: str, needed: int, *, log: Callable[[str], None] | None = None) -> int:
-    """Pipeline GPU workers free now, once at least `needed` are: polled for at most `resource_wait_s()`."""
+def first_ready(refs: list, stage: str, needed: int, log: Callable[[str], None] | None = None) -> list:
+    """The first of `refs` (a task or actors asking for GPU shares) once ready, waited for at most
+    `resource_wait_s()`: a request Ray sees, unlike a poll of the free GPUs, so an autoscaling cluster adds a GPU
+    node for it. Says once what it waits for if it is not placed at once; ResourceWaitError after the bound."""
+    import ray
+
     bound = resource_wait_s()
-    start = time.monotonic()
-    said = False
-    while True:
-        free = free_gpu_slots()
-        if free >= needed:
-            return free
-        waited = time.monotonic() - start
-        if waited >= bound:
-            raise ResourceWaitError(waits_message(stage, needed, round(waited)))
-        if not said:
-            (log or print)(f"{stage} waits for {needed} GPU worker share(s), {free} free now, held by "
-                           f"{gpu_holders()}; at most {bound:g} s")
-            said = True
-        time.sleep(min(POLL_S, bound - waited))
+    ready, _ = ray.wait(refs, num_returns=1, timeout=min(QUIET_S, bound))
+    if not ready:
+        (log or print)(f"{stage} waits for {needed} GPU worker share{'s' if needed > 1 else ''} "
+                       f"({WORKER_GPU_SHARE:g} of a GPU each), held now by {gpu_holders()}; at most {bound:g} s")
+        ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, bound - QUIET_S))
+    if not ready:
+        raise ResourceWaitError(waits_message(stage, needed, bound))
+    return ready
