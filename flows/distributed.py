@@ -17,6 +17,7 @@ events. Every worker must call `ray.train.report` the same number of times.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -39,6 +40,15 @@ from ddpm.progress import TrainingDisplay
 from ddpm.schema import worker_range
 from ddpm.training import EpochMetrics, NonFiniteLossError, resolve_device
 from flows import RAY_NODE_ENV
+from flows.gpu_share import (
+    WORKER_GPU_SHARE,
+    ResourceWaitError,
+    cluster_gpus,
+    first_ready,
+    free_gpu_slots,
+    resource_wait_s,
+    waits_message,
+)
 from flows.mlflow_writer import epoch_metrics_for_tracking, live_curve
 from flows.preflight import check_ray_address
 
@@ -105,12 +115,6 @@ def _is_ray_process(process) -> bool:
 def cpu_share(processes: int) -> int:
     """Threads for each of `processes` CPU workers sharing this node."""
     return max(1, (os.cpu_count() or 1) // max(processes, 1))
-
-
-def cluster_gpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -240,6 +244,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     events = Path(loop_config["events"])
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")  # a logical GPU of `ray start --num-gpus=N` on a machine without CUDA
     if device.type == "cpu":
         # Ray pins each worker to one thread (OMP_NUM_THREADS=1); share the node's cores out instead, so that one
         # worker on a 2-core machine uses both: optimizer steps, not epochs, buy quality, and one 2-thread worker
@@ -291,6 +297,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log_event(events, event="refused", error=type(exc).__name__, message=str(exc))
 
 
+TRAIN_STAGE = "train-unet"  # the flow's task name, as messages about its waits call it
+
+
+def start_retries() -> int:
+    """Ray Train retries a worker group that found no resources forever (each attempt waits
+    $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default): as many attempts as fit in `resource_wait_s()`."""
+    attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") or 60.0)
+    return max(1, math.ceil(resource_wait_s() / attempt))
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_on_gpu_workers(stage: str, needed: int, log=None) -> bool:
+    """Whether the cluster's GPUs are CUDA devices, asked on a GPU worker share (the driver may have no GPU); the
+    first bounded wait for the `needed` shares of `stage`. Ray's GPUs may be logical ones (`ray start --num-gpus=N`
+    on a machine without CUDA): NCCL cannot start there, and DDP goes over gloo on the CPU instead."""
+    import ray
+
+    probe = ray.remote(num_cpus=0, num_gpus=WORKER_GPU_SHARE)(_cuda_available).remote()
+    try:
+        return ray.get(first_ready([probe], stage, needed, log)[0])
+    except ResourceWaitError:
+        ray.cancel(probe, force=True)
+        raise
+
+
 def ray_run_name(paths: RunPaths) -> str:
     return f"unet-{paths.root.resolve().name}"
 
@@ -325,6 +359,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     lines (checkpoint paths, validation bookkeeping) stay out of the console unless `verbose`.
     """
     from ray.train import (
+        ControllerError,
         FailureConfig,
         LoggingConfig,
         RunConfig,
@@ -332,7 +367,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
         ValidationConfig,
         ValidationTaskConfig,
     )
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     check_evaluator(cfg, paths)
     init_ray()
@@ -341,6 +376,10 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     events = str(_events_path(storage, name))
     use_gpu = _use_gpu(cfg)
     fewest, most = worker_range(cfg.train)
+    backend, per_worker = None, None  # Ray Train's defaults: gloo and one CPU a worker
+    if use_gpu:
+        backend = "nccl" if cuda_on_gpu_workers(TRAIN_STAGE, fewest, log) else "gloo"
+        per_worker = {"GPU": WORKER_GPU_SHARE}  # beside a model-service replica (flows.gpu_share)
     validation = None
     in_tasks = cfg.train.epoch_fld_samples > 0 and scoring_in_tasks(cfg, use_gpu)
     if in_tasks:
@@ -358,9 +397,12 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
                            "mlflow": tracking, "score_in_line": not in_tasks},
         # A range makes Ray Train elastic: it starts with as many workers as the cluster can hold (at least
         # `fewest`), restarts with fewer after losing one, and grows again when the resources return.
-        scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                                          controller_failure_limit=start_retries()),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         validation_config=validation,
     )
@@ -372,7 +414,13 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
         (log or print)(line)
     attempt = len(read_events(storage, name))
     with EventsDisplay(Path(events), cfg, log=log, enabled=progress):
-        trainer.fit()
+        try:
+            trainer.fit()
+        except ControllerError as exc:
+            # The GPUs were taken between our wait and Ray Train's start, and stayed taken for every attempt.
+            if type(exc.controller_failure).__name__ == "WorkerGroupStartupTimeoutError":
+                raise ResourceWaitError(waits_message(TRAIN_STAGE, fewest, resource_wait_s())) from None
+            raise
     refused = [e for e in read_events(storage, name)[attempt:] if e["event"] == "refused"]
     if refused:
         error = {"NonFiniteLossError": NonFiniteLossError}.get(refused[-1]["error"], UserError)
@@ -389,6 +437,9 @@ class SamplerActor:
         torch.set_num_threads(threads)  # the node's cores shared out between the actors (Ray's default is 1)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.cfg, self.diffusion = load_for_sampling(config_from_dict(config), Path(model_path), device)
+
+    def ready(self) -> str:
+        return str(next(self.model.parameters()).device)
 
     def sample(self, shard: SampleShard, out: str, progress_actor=None) -> str:
         from ddpm.pipeline.samples import sample_shard
@@ -413,8 +464,39 @@ class ProgressCounter:
         return self.done
 
 
+SAMPLE_STAGE = "sample"
+
+
+# How long the other sampling actors may take to start once the first has: a slower start (the GPUs were counted
+# too generously, see flows.gpu_share.free_gpu_slots) samples on those that did.
+PLACEMENT_GRACE_S = 30.0
+
+
+def placed_actors(actors: list, stage: str, log=None) -> list:
+    """The actors that started: the first within `resource_wait_s()` (else none and ResourceWaitError), the rest
+    within PLACEMENT_GRACE_S after it. An actor waits for its resources forever otherwise; those left are killed."""
+    import ray
+
+    pending = {actor.ready.remote(): actor for actor in actors}
+    try:
+        first_ready(list(pending), stage, 1, log)
+    except ResourceWaitError:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    ready, waiting = ray.wait(list(pending), num_returns=len(pending), timeout=PLACEMENT_GRACE_S)
+    ray.get(ready)  # an actor that failed to start raises its own error here
+    for ref in waiting:
+        ray.kill(pending[ref])
+    if waiting:
+        (log or print)(f"{stage}: {len(waiting)} of {len(actors)} actors found no GPU share within "
+                       f"{PLACEMENT_GRACE_S:g} s; sampling on {len(ready)}")
+    return [pending[ref] for ref in ready]
+
+
 def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> Path:
-    """The sampling stage with its shards computed by Ray actors: one per GPU, else `sample.num_actors`.
+    """The sampling stage with its shards computed by Ray actors: on a cluster with GPUs one per GPU worker share
+    free (`flows.gpu_share`), else `sample.num_actors`.
 
     Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
 
@@ -424,16 +506,21 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
         from tqdm.auto import tqdm
 
         init_ray()
-        gpus = cluster_gpus()
-        resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-        n = gpus or cfg.sample.num_actors
+        if cluster_gpus():
+            # One actor per GPU worker share free now (beside the model service), not per GPU there; at least one,
+            # whose request an autoscaling cluster sees.
+            n = max(1, min(free_gpu_slots(), len(shards)))
+            resources = {"num_gpus": WORKER_GPU_SHARE, "num_cpus": 1}
+        else:
+            n, resources = cfg.sample.num_actors, {"num_cpus": 1}
         counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
         actor_cls = ray.remote(**resources)(SamplerActor)
-        actors = [actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n)) for _ in range(n)]
+        actors = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
+                                for _ in range(n)], SAMPLE_STAGE)
         jobs = ActorPool(actors).map_unordered(
             lambda actor, shard: actor.sample.remote(shard, str(stages.shard_file(folder, shard).resolve()),
                                                      counter), shards)
-        with tqdm(total=cfg.sample.num_samples, desc=f"sampling on {n} Ray actors", unit="img",
+        with tqdm(total=cfg.sample.num_samples, desc=f"sampling on {len(actors)} Ray actors", unit="img",
                   disable=not progress) as bar:
             for _ in jobs:
                 bar.n = ray.get(counter.get.remote())

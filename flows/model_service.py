@@ -639,11 +639,12 @@ def check_registry_uri(uri: str) -> None:
 def deploy(options: ServiceOptions) -> str:
     """Start Serve on the Ray this process joined (`flows.distributed.init_ray`), its HTTP proxy on
     options.host:port, and deploy the app: replicas on GPUs where the cluster has them. Returns the URL."""
-    from flows.distributed import cluster_gpus
+    from flows.gpu_share import SERVICE_GPU_SHARE, cluster_gpus
 
     gpus = cluster_gpus()
     if gpus and options.replicas > gpus:
-        raise UserError(f"--replicas {options.replicas}: each replica takes a GPU and the cluster has {gpus}")
+        raise UserError(f"--replicas {options.replicas}: each replica takes {SERVICE_GPU_SHARE:g} of its own GPU "
+                        f"(the rest is the pipeline's) and the cluster has {gpus}; use --replicas {gpus} or fewer")
     # Serve's proxy timeout is a backstop: a client may lift it with a header (x-request-timeout-seconds: 0).
     serve.start(proxy_location="HeadOnly", http_options={
         "host": options.host, "port": options.port, "request_timeout_s": options.timeout_s + PROXY_SLACK_S},
@@ -652,7 +653,7 @@ def deploy(options: ServiceOptions) -> str:
                 "replicas": options.replicas, "max_queued": options.max_queued, "timeout_s": options.timeout_s,
                 "token_sha256": token_digest(options.token) if options.token else None}
     app = ChampionService.options(num_replicas=options.replicas, ray_actor_options={
-        "num_cpus": options.replica_cpus, "num_gpus": 1 if gpus else 0}).bind(settings)
+        "num_cpus": options.replica_cpus, "num_gpus": SERVICE_GPU_SHARE if gpus else 0}).bind(settings)
     serve.run(app, name=APP, route_prefix="/", logging_config={"enable_access_log": False})
     return options.url
 

@@ -37,6 +37,7 @@ from ddpm.pipeline.continuation import (
 from ddpm.pipeline.epoch_fld import selection
 from ddpm.pipeline.locks import exclusive
 from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, commit_config, read_json
+from flows.gpu_share import resource_wait_s
 from flows.mlflow_writer import epoch_metrics_for_tracking
 from flows.preflight import check_services
 from flows.tracking import (
@@ -312,6 +313,7 @@ def mnist_ddpm(
 
     cfg = pipeline_config(profile, config_file, overrides, guidance_scale)
     check_promotion(promotion)  # before any compute, not only when the register stage gets to it
+    resource_wait_s()  # $DDPM_RESOURCE_WAIT_S too: a bad bound is bad input, not a failure at the GPU stages
     check_continuation(from_champion, more_epochs, guidance_scale, cfg)
     runs = resolve_runs_dir(cfg, runs_dir)
     run_name = run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name() or 'local'}"

@@ -2,7 +2,8 @@
 
     mnist-ddpm/full      on demand:  prefect deployment run mnist-ddpm/full --param profile=smoke --watch
     mnist-ddpm/retrain   on a cron schedule (weekly by default): continues the champion for a few more epochs
-                         (a cold start trains the profile from scratch) and promotes only a better model
+                         (a cold start trains the profile from scratch) and promotes only a better model; one
+                         at a time: a retrain started while another runs is cancelled
 
 Needs PREFECT_API_URL (a Prefect server); the flow runs it starts inherit RAY_ADDRESS and MLFLOW_TRACKING_URI.
 The schedule lives here, in code: restarting `serve()` replaces schedules added from the CLI.
@@ -14,11 +15,15 @@ import argparse
 import os
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
 
 from flows.pipeline import mnist_ddpm
 
 RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
+# A second retrain would continue the same champion as the running one and race it to the registry; cancelled
+# rather than queued, so that nothing waits unbounded behind a hung run.
+ONE_RETRAIN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
 def deployments(retrain_cron: str, retrain_profile: str | None, retrain_epochs: int = 2):
@@ -28,7 +33,7 @@ def deployments(retrain_cron: str, retrain_profile: str | None, retrain_epochs: 
         **common,
     )
     retrain = mnist_ddpm.to_deployment(
-        name="retrain", cron=retrain_cron,
+        name="retrain", cron=retrain_cron, concurrency_limit=ONE_RETRAIN_AT_A_TIME,
         # Retraining the same recipe from scratch would give the same model byte for byte (training is
         # deterministic), so the scheduled run continues the champion instead.
         parameters={"profile": retrain_profile, "promotion": "if_better", "from_champion": True,

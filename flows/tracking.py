@@ -4,6 +4,10 @@ Runs are addressed by id through `MlflowClient`, never through MLflow's "active 
 while Prefect may run tasks on other threads). The FLD depends on the LeNet that computes it, so every
 evaluation records the evaluator (`evaluator_id`, a fingerprint of its weights, and its registered version),
 and the champion alias only moves between models scored by the same evaluator.
+
+Concurrent pipelines share the registry: a promotion compares and sets the champion under a lock the registry
+itself holds (`promotion_lock`), and a registration retried after it created its version finds that version
+(`REGISTRATION_KEY`) instead of making a second one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from ddpm.checkpoints import write_json
 from ddpm.config import Config, ConfigError
 from ddpm.errors import UserError
-from ddpm.pipeline.locks import exclusive
+from ddpm.pipeline.locks import BusyError, exclusive, lock_wait_s
 from flows.mlflow_writer import Writer, guarded
 from flows.preflight import masked
 
@@ -38,6 +43,12 @@ CHAMPION = "champion"
 EVALUATOR_ALIAS = "evaluator"
 PROMOTION_POLICIES = ("if_better", "never")
 TRAINING_STATE_ARTIFACT = "training_state"  # the pyfunc artifact a continued run starts from
+# A version's tag, set as it is created: its pipeline run and the sha256 of its weights, what a retry looks for.
+REGISTRATION_KEY = "registration_key"
+# A registered model that exists only while a promotion compares and sets the champion (`promotion_lock`).
+PROMOTION_LOCK = f"{UNET_MODEL}.promotion-lock"
+# A lock older than this was left by a promotion that died: the compare-and-set itself takes a few registry calls.
+PROMOTION_LOCK_STALE_S = 300.0
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars per artifact flood the flow log
 PIP_REQUIREMENTS = ["torch==2.14.1", "numpy", "pandas"]  # explicit: dependency inference takes >10 s
 
@@ -193,6 +204,69 @@ def download_training_state(uri: str, version: str, dest: Path) -> Path | None:
     return version_artifact(MlflowClient(tracking_uri=uri, registry_uri=uri), version, TRAINING_STATE_ARTIFACT, dest)
 
 
+@contextmanager
+def promotion_lock(client: MlflowClient, holder: str) -> Iterator[None]:
+    """Hold the registry's promotion lock for the block. MLflow has no compare-and-set on aliases, but creating a
+    registered model is atomic: its name is unique in the store, and a second create fails with
+    RESOURCE_ALREADY_EXISTS, on a SQLite store and on a tracking server alike, across processes and machines. So
+    the lock is the registered model PROMOTION_LOCK: created to take it, deleted to let it go. One left by a
+    holder that died is taken over once older than PROMOTION_LOCK_STALE_S; a live holder is waited for at most
+    $DDPM_LOCK_WAIT_S seconds, then refused naming it."""
+    bound, start, said = lock_wait_s(), time.monotonic(), False
+    while True:
+        try:
+            client.create_registered_model(PROMOTION_LOCK, tags={"holder": holder},
+                                           description="held while a pipeline run promotes a U-Net; deleted after")
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_holder(client)
+        if held is None:
+            continue  # let go between our create and our read
+        other, age = held
+        if age > PROMOTION_LOCK_STALE_S:
+            print(f"the promotion lock of {other} is {age:.0f} s old: that run died; taking it over", flush=True)
+            _release(client)
+            continue
+        waited = time.monotonic() - start
+        if waited > bound:
+            raise BusyError(f"the registry's promotion lock is still held by {other} after {waited:.0f} s: if that "
+                            f"run is hung, stop it and delete the registered model {PROMOTION_LOCK}; if it is only "
+                            "slow, raise $DDPM_LOCK_WAIT_S")
+        if not said:
+            print(f"waiting for {other} to finish its promotion (the registry's lock), at most {bound:g} s", flush=True)
+            said = True
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _release(client)
+
+
+def _lock_holder(client: MlflowClient) -> tuple[str, float] | None:
+    """Who holds the promotion lock and for how many seconds; None when nobody does."""
+    try:
+        lock = client.get_registered_model(PROMOTION_LOCK)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return lock.tags.get("holder", "another run"), time.time() - lock.creation_timestamp / 1000
+
+
+def _release(client: MlflowClient) -> None:
+    try:
+        client.delete_registered_model(PROMOTION_LOCK)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def registration_key(run_id: str, model_path: Path) -> str:
+    return f"{run_id}:{hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:16]}"
+
+
 class TrackingLostError(UserError):
     """The tracking server went away during the run: the results are on disk, the listed items are not in MLflow."""
 
@@ -312,12 +386,20 @@ class Tracker(Writer):
         """A new version of the U-Net: its sampling weights (`model`), and the training state of the same epoch
         (`training_state`: weights, EMA, optimizer, step, config), so that a later run can continue it from the
         registry alone (`Tracker.training_state`), whether or not this run's folder still exists."""
-        artifacts = {"model": str(model_path)}
-        if training_state is not None:
-            artifacts[TRAINING_STATE_ARTIFACT] = str(training_state)
-        info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(), artifacts=artifacts,
-                           registered_model_name=UNET_MODEL)
-        version = str(info.registered_model_version)
+        registration = registration_key(run_id, model_path)
+        # A retry of the task that registered it (it failed after creating the version) reuses that version.
+        found = self.client.search_model_versions(
+            f"name='{UNET_MODEL}' and tag.{REGISTRATION_KEY}='{registration}'")
+        if found:
+            version = str(found[0].version)
+        else:
+            artifacts = {"model": str(model_path)}
+            if training_state is not None:
+                artifacts[TRAINING_STATE_ARTIFACT] = str(training_state)
+            info = _log_pyfunc(run_id, self.uri, name="unet", python_model=UNetSampler(), artifacts=artifacts)
+            with using_tracking_uri(self.uri):  # the key is a tag from the version's creation on, not set after it
+                created = mlflow.register_model(info.model_uri, UNET_MODEL, tags={REGISTRATION_KEY: registration})
+            version = str(created.version)
         for key, value in tags.items():
             self.client.set_model_version_tag(UNET_MODEL, version, key, str(value))
         if description:
@@ -350,13 +432,26 @@ class Tracker(Writer):
     def decide_promotion(self, version: str, fld: float, evaluator_id: str, policy: str = "if_better"
                          ) -> dict[str, Any]:
         """Under policy `if_better`, move `champion` to `version` when no champion exists or it beats the
-        champion's FLD under the same evaluator; under `never`, leave it. Either way, record why."""
+        champion's FLD under the same evaluator; under `never`, leave it. Either way, record why. The champion is
+        read and set under the registry's promotion lock: of two runs promoting at once, the second compares with
+        what the first set, so a worse model never replaces a better one that beat the same champion."""
         check_promotion(policy)
+        if policy == "never":
+            decision = self._decide(version, fld, evaluator_id, policy)
+        else:
+            with promotion_lock(self.client, f"pipeline run {self.parent_id} (U-Net v{version})"):
+                decision = self._decide(version, fld, evaluator_id, policy)
+        self.client.set_model_version_tag(UNET_MODEL, version, "promotion", decision["reason"])
+        return decision
+
+    def _decide(self, version: str, fld: float, evaluator_id: str, policy: str) -> dict[str, Any]:
         current = self.champion()
         if policy == "never":
             promote, reason = False, "promotion disabled for this run (promotion=never)"
         elif current is None:
             promote, reason = True, "no champion yet"
+        elif current["version"] == version:  # a retry of the task whose first attempt promoted it
+            promote, reason = True, f"already champion (promoted by an earlier attempt): FLD {fld:.3f}"
         elif current.get("evaluator_id") != evaluator_id:
             promote, reason = False, (
                 f"champion v{current['version']} was scored by evaluator {current.get('evaluator_id')}, this run "
@@ -368,7 +463,5 @@ class Tracker(Writer):
                 f"FLD {fld:.3f} does not beat champion v{current['version']}'s {float(current['fld']):.3f}")
         if promote:
             self.client.set_registered_model_alias(UNET_MODEL, CHAMPION, version)
-        decision = {"promoted": promote, "reason": reason, "version": version,
-                    "previous_champion": current["version"] if current else None}
-        self.client.set_model_version_tag(UNET_MODEL, version, "promotion", reason)
-        return decision
+        return {"promoted": promote, "reason": reason, "version": version,
+                "previous_champion": current["version"] if current else None}

@@ -71,6 +71,7 @@ class Settings:
     mlflow_port: int
     model_port: int
     num_cpus: int
+    num_gpus: int | None  # None: Ray counts the machine's GPUs
     start_timeout: float
     stop_timeout: float
 
@@ -87,6 +88,7 @@ class Settings:
             mlflow_port=_env_int("MLFLOW_PORT", 5000),
             model_port=_env_int("MODEL_SERVE_PORT", 8000),
             num_cpus=_env_int("RAY_NUM_CPUS", os.cpu_count() or 1),
+            num_gpus=_env_int("RAY_NUM_GPUS", -1) if os.environ.get("RAY_NUM_GPUS", "").strip() else None,
             start_timeout=_env_float("CLUSTER_START_TIMEOUT", 120.0),
             stop_timeout=_env_float("CLUSTER_STOP_TIMEOUT", 30.0),
         )
@@ -341,6 +343,7 @@ def _ray_command(s: Settings) -> list[str]:
         f"--ray-client-server-port={s.ray_client_port}", f"--dashboard-agent-listen-port={s.ray_agent_port}",
         f"--num-cpus={s.num_cpus}", "--object-store-memory=536870912",
         f"--temp-dir={s.ray_temp_dir}", "--disable-usage-stats",
+        *([f"--num-gpus={s.num_gpus}"] if s.num_gpus is not None else []),
     ]  # fmt: skip
 
 

@@ -91,6 +91,7 @@ def test_up_starts_every_service_healthy_on_loopback(cluster):
     for name in ("full", "retrain"):
         status, body = get(f"http://127.0.0.1:{ports['prefect']}/api/deployments/name/mnist-ddpm/{name}")
         assert status == 200 and json.loads(body)["name"] == name
+    assert_one_retrain_at_a_time(json.loads(body))
 
     # `ray status` through the GCS port with the cluster's env file (token auth, loopback address).
     env_file = cluster["dir"] / "env"
@@ -193,6 +194,13 @@ def test_real_cluster_prefect_files_deploy(cluster):
     assert [s["schedule"]["cron"] for s in deployments["retrain"]["schedules"]] == ["0 3 * * 1"]
     assert deployments["retrain"]["parameters"]["promotion"] == "if_better"
     assert deployments["retrain"]["parameters"]["from_champion"] is True  # a retrain continues the champion
+    assert_one_retrain_at_a_time(deployments["retrain"])
+
+
+def assert_one_retrain_at_a_time(deployment: dict) -> None:
+    """The server holds the retrain deployment to one run at a time, and cancels a second one (flows/serve.py)."""
+    assert deployment["global_concurrency_limit"]["limit"] == 1, deployment
+    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", deployment
 
 
 @pytest.fixture
