@@ -73,6 +73,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     # is told where it is.
     dashboard_port = free_loopback_port()
     ray.init(
+        address="local",  # a new Ray of our own, never one that `ray start` left running on the machine
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=512 * 2**20,  # else Ray reserves 30% of RAM
         include_dashboard=True,

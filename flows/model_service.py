@@ -66,7 +66,7 @@ from flows.model_requests import (
     quoted,
 )
 from flows.preflight import masked
-from flows.tracking import CHAMPION, UNET_MODEL, champion_version, version_artifact
+from flows.tracking import CHAMPION, UNET_MODEL, champion_version, store_lock, version_artifact
 
 APP = "mnist-ddpm"  # the Serve application's name on the cluster
 MAX_BATCH = 16  # requests one batch takes from the queue (fewer when their images pass the draw cap)
@@ -170,6 +170,17 @@ def bind_replica_grpc_to_node_address() -> None:
     replica.add_port_to_grpc_server = bound
 
 
+def opened_client(uri: str):
+    """A client of the registry at `uri`, its store opened once: a pipeline that is creating (migrating) a fresh
+    SQLite store holds the store's lock, and opening it beside that migration fails inside MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)  # the store is created or migrated here, if ever
+    return client
+
+
 class Follower:
     """Keeps `current` at the registry's champion: checked now, then every `poll_s` seconds in a daemon thread.
     A champion that cannot be loaded leaves `current` as it is (at start: the newest version that loads) and sets
@@ -196,11 +207,9 @@ class Follower:
         # A SQLite store that does not exist yet has no champion; MLflow's client would create it (and its folder).
         if self.uri.startswith("sqlite:///") and not Path(self.uri.removeprefix("sqlite:///")).exists():
             return
-        if self.client is None:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         try:
+            if self.client is None:
+                self.client = opened_client(self.uri)
             found = champion_version(self.client)
             self.champion = str(found.version) if found is not None else None
             if found is None or (self.current is not None and self.champion == self.current.version):

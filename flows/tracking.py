@@ -68,7 +68,7 @@ def check_promotion(policy: str) -> None:
         raise ConfigError(f"promotion={policy!r}: use one of {', '.join(PROMOTION_POLICIES)}")
 
 
-def _store_lock(uri: str):
+def store_lock(uri: str):
     """Concurrent runs on one SQLite store (two `make run`s share `runs/mlflow.db`) create it one at a time."""
     if not uri.startswith("sqlite:///"):
         return nullcontext()
@@ -281,7 +281,7 @@ class Tracker(Writer):
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, runs_dir: Path, tags: dict[str, str]) -> Tracker:
-        with _store_lock(uri):  # the client creates (migrates) a fresh SQLite store: one process at a time
+        with store_lock(uri):  # the client creates (migrates) a fresh SQLite store: one process at a time
             client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             found = client.get_experiment_by_name(experiment)
             if found is None:
