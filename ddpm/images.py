@@ -145,13 +145,18 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
             mine = [p for p in points if p["sampler"] == sampler]
             left.plot([p["steps"] for p in mine], [p["fld"] for p in mine], "o-", label=sampler)
             right.plot([p["steps"] for p in mine], [p["recall"] for p in mine], "o-", label=sampler)
-        left.set_ylabel("FLD vs test (lower is better)")
+        left.set_ylabel("FLD vs test (lower is better, log scale)")
+        left.set_yscale("log")  # few-step FLDs are tens of times the many-step ones
+        ticks = [v for v in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if
+                 min(p["fld"] for p in points) / 2 <= v <= max(p["fld"] for p in points) * 2]
         right.set_ylabel(f"recall (k = {result['k']})")
         for ax in (left, right):
             ax.set_xlabel("sampler steps (network evaluations per image)")
             ax.set_xscale("log")
             ax.set_xticks(sorted({p["steps"] for p in points}), labels=sorted({p["steps"] for p in points}))
+            ax.minorticks_off()  # log-scale minor labels ("2 x 10^1") would sit between the step counts
             ax.legend()
             ax.grid(alpha=0.3)
+        left.set_yticks(ticks, labels=[f"{v:g}" for v in ticks])
         fig.suptitle(f"Quality against sampler steps, {n:,} images")
     return _save_figure(plt, fig, path)
