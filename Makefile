@@ -46,16 +46,15 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench.py
 
-# `ddpm serve` beside a plain FastAPI app on the same champion (bench/plain_app.py), 200 requests from 1, then 16
-# clients each: latency percentiles, requests/s, images/s and batch sizes -> bench/serve.json. Starts both on a
-# registry of its own unless ARGS="--url URL --tracking-uri URI" (a running service and its registry).
+# `ddpm serve` beside a plain FastAPI app (bench/plain_app.py) -> bench/serve.json (docs/performance.md). On a registry
+# of its own unless ARGS="--url URL --tracking-uri URI" names a running service and its registry.
 bench-serve: setup
 	$(BIN)/python bench/serve.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
 
-# The local cluster (Ray head, Prefect server, MLflow server, the deployments' serve process), all on 127.0.0.1,
+# The local cluster (Ray head, Prefect, MLflow, the deployments' serve process, `ddpm serve`), all on 127.0.0.1,
 # state in .cluster/. See infra/README.md.
 .PHONY: cluster-up cluster-down cluster-status
 

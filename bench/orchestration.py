@@ -3,16 +3,16 @@
     .venv/bin/python bench/orchestration.py [--steps 300] [--epochs 3] [--repeats 3] [--profile cpu]
                                             [--out bench/orchestration.json] [--tiny]
 
-- `in-process`: `ddpm train --out R` (the library's `fit`, epochs scored synchronously between epochs);
-- `ray-train`: `flows.distributed.train_with_ray` on one Ray Train worker, outside any flow (epochs scored in
-  Ray Train validation tasks beside the training);
-- `flow`: `ddpm pipeline --out R`, the Prefect flow `make run` runs (Ray Train inside a Prefect task, MLflow
-  logging live), with a token sample and evaluation after training.
+- `in-process`: `ddpm train --out R` (the library's `fit`, epochs scored between epochs);
+- `ray-train`: `flows.distributed.train_with_ray` on one Ray Train worker, outside any flow (epochs scored where
+  `train.epoch_fld_where` puts them);
+- `flow`: `ddpm pipeline --out R`, what `make run` runs (one local worker trains in the flow's own process, MLflow
+  logs live), with a token sample and evaluation after training.
 
 Each way is a fresh process on a fresh run folder that shares one prepared dataset and LeNet evaluator (the
 flow's cache), with epoch scoring on. The figure is the training loop's own images/s from `unet/history.json`
 (train images over train seconds, epoch scoring and validation loss excluded, since those are the same work
-every way), over every epoch after the first, so that Ray's validation tasks overlap it as they do in `make run`.
+every way), over every epoch after the first, the first having no score beside it.
 The stage's wall time (start to model.pt) is reported beside it where the bench can see it. Runs are interleaved
 (in-process, ray-train, flow, in-process, ...) and repeated; medians and ratios to in-process go to JSON.
 """

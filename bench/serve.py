@@ -42,8 +42,8 @@ from served import Service, get, get_json, register_versions, set_champion  # no
 RAY_SERVE, PLAIN = "Ray Serve", "plain FastAPI"
 WARM_UP = 3  # requests before each stack's runs: the first batches pay for one-off allocations
 START_TIMEOUT_S = 120
-# The issue's goal: Ray Serve's p50 from 1 client within this factor of the plain app's, and from 16 clients at
-# least the plain app's requests/s.
+# The goal (docs/performance.md): Ray Serve's p50 from 1 client within this factor of the plain app's, and from 16
+# clients at least the plain app's requests/s.
 P50_GOAL = 1.5
 
 
@@ -149,7 +149,7 @@ def measure(how: str, url: str, clients: list[int], requests: int, query: str, n
 
 
 def compare(stacks: dict[str, dict]) -> tuple[list[dict], dict]:
-    """Rows of both stacks' runs side by side, and the issue's goal read from them."""
+    """Rows of both stacks' runs side by side, and the goal read from them."""
     rows = []
     for ours, plain in zip(stacks[RAY_SERVE]["runs"], stacks[PLAIN]["runs"], strict=True):
         rows.append({"clients": ours["clients"],

@@ -75,9 +75,8 @@ def store_lock(uri: str):
     return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"), "the MLflow store")
 
 
-# MLflow 3.17's UI opens in its GenAI mode unless told otherwise: the mode is a per-browser setting, defaulting to
-# GenAI, that the experiment's `mlflow.experimentKind` tag does not override (seen in a real browser). A link
-# with this query opens the model-training view (runs table, datasets, models) and makes it that browser's choice.
+# MLflow 3.17's UI opens in GenAI mode, a per-browser setting the experiment's kind tag does not override: this
+# query opens the model-training view and makes it that browser's choice.
 TRAINING_VIEW = "?workflowType=machine_learning"
 
 

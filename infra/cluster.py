@@ -402,7 +402,7 @@ def _mlflow_env(s: Settings) -> dict[str, str]:
     (s.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     return {
         "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-        # MLflow 3's job runner (GenAI scorers and the like, unused here) adds 8 processes and about 1.5 GB of RSS.
+        # MLflow 3's job runner serves GenAI scorers, unused here, at a cost in processes and memory (infra/README.md).
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
 
