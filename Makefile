@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup run test test-faults lint bench bench-serve clean
+.PHONY: setup run test test-quick test-faults lint bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ run: setup
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier: no server, Ray cluster or pipeline (tests/conftest.py refuses to start one there); for every edit.
+test-quick: setup
+	$(BIN)/python -m pytest -m "not system and not gpu" $(PYTEST_ARGS)
 
 # The service page's test (tests/test_serve.py) drives Debian's Chromium through Playwright, which never downloads a
 # browser of its own. Installed once, as root, from Debian's packages; elsewhere install `chromium` yourself.

@@ -1,4 +1,10 @@
-"""Shared fixtures: MNIST is prepared once per session from the local mirror; runs use the `smoke` profile."""
+"""Shared fixtures: MNIST is prepared once per session from the local mirror; runs use the `smoke` profile.
+
+Two tiers: a test that starts a server, a Ray cluster or the pipeline is marked `system`: by its module's
+`pytestmark`, its own mark, or a fixture of SYSTEM_FIXTURES that it uses. `make test-quick` runs the rest, the
+unit tier, and there the guard below fails any test that would start one anyway, so the tier's promise is
+checked, not assumed.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import prefect.main  # noqa: E402,F401  (`import prefect` alone defers it)
 
 REPO = Path(__file__).resolve().parents[1]
+# What a unit test may not run, as (program, first argument): each starts Ray, a server, or the whole pipeline.
+SYSTEM_COMMANDS = {("ddpm", "pipeline"), ("ddpm", "serve"), ("ray", "start"), ("mlflow", "server"),
+                   ("cluster.sh", None), ("uvicorn", None), ("orchestration.py", None), ("serve.py", None)}
+# Module-scoped fixtures that start a service: whoever uses one is a system test.
+SYSTEM_FIXTURES = {"served", "guarded", "mlflow_server", "ray_local"}
 MIRROR = REPO.parent / "shared" / "data" / "mnist"
 
 
@@ -85,6 +96,12 @@ def smoke_run(tmp_path, prepared_data, smoke_lenet) -> Path:
     return new_run_folder(tmp_path / "run", prepared_data, smoke_lenet)
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
 def pytest_unconfigure(config):
     """Prefect's temporary server logs "Stopping temporary server" at interpreter exit, through handlers that
     still point at pytest's capture streams, closed by then: Python prints that as a logging traceback after a
@@ -96,3 +113,36 @@ def pytest_unconfigure(config):
             if type(handler).__module__.startswith("prefect"):
                 logger.removeHandler(handler)
     logging.raiseExceptions = False  # whatever logs after this has nowhere useful to go
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_starts_no_services(request, monkeypatch):
+    """Outside the `system` mark: Ray, Prefect's temporary server and service subprocesses raise instead of
+    starting, naming the mark that would allow them."""
+    if request.node.get_closest_marker("system") is not None:
+        yield
+        return
+    import subprocess
+
+    import ray
+    from prefect.server.api import server as prefect_server
+
+    def refuse(what: str):
+        def started(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.system")
+        return started
+
+    monkeypatch.setattr(ray, "init", refuse("Ray"))
+    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", refuse("Prefect's temporary server"))
+    popen_init = subprocess.Popen.__init__
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        words = [Path(str(w)).name for w in (args if isinstance(args, (list, tuple)) else str(args).split())]
+        words = [w for w in words if not w.startswith("python")]  # `python -m x` and `python x.py` alike
+        words = words[1:] if words[:1] == ["-m"] else words
+        if words and ((words[0], None) in SYSTEM_COMMANDS or tuple(words[:2]) in SYSTEM_COMMANDS):
+            refuse(f"`{' '.join(words)[:120]}`")()
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
+    yield

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from netcheck import free_ports
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.system, pytest.mark.faults]
 REPO = Path(__file__).resolve().parents[1]
 DDPM = str(Path(sys.executable).with_name("ddpm"))
 

@@ -23,6 +23,8 @@ from ddpm.pipeline.epoch_fld import read_scores
 from ddpm.pipeline.samples import read_samples
 from ddpm.pipeline.stages import RunPaths
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture(scope="module")
 def ray_local():

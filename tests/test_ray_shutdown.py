@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.system
 
 
 def test_shutdown_leaves_no_ray_process_of_ours():
