@@ -235,12 +235,13 @@ def parse_spec(text: str, key: str) -> SamplerSpec:
 def sampler_spec(cfg: Config, spec: SamplerSpec, key: str) -> tuple[str, SampleConfig]:
     """(set name, `cfg.sample` with the spec's sampler, step count and guidance). Names ("dpmpp2m-sde-25",
     "ddim-20-w0") are file and MLflow-metric safe."""
-    s = cfg.sample
-    n = cfg.diffusion.timesteps if SAMPLER_REGISTRY[spec.sampler].all_steps else spec.steps or s.steps
-    _check(1 <= n <= cfg.diffusion.timesteps, f"{key} {str(spec)!r}: steps must be in [1, "
-                                              f"diffusion.timesteps={cfg.diffusion.timesteps}]")
+    s, T = cfg.sample, cfg.diffusion.timesteps
+    chosen = SAMPLER_REGISTRY[spec.sampler]
+    n = chosen.num_steps(spec.steps or s.steps, T)
+    _check(1 <= n <= T, f"{key} {str(spec)!r}: steps must be in [1, diffusion.timesteps={T}]")
+    # A sampler that takes no count keeps `sample.steps`, the count of those that do.
     return spec.set_name(n), dataclasses.replace(
-        s, sampler=spec.sampler, steps=s.steps if SAMPLER_REGISTRY[spec.sampler].all_steps else n, compare=(),
+        s, sampler=spec.sampler, steps=n if chosen.takes_steps else s.steps, compare=(),
         guidance_scale=spec.guidance if spec.guidance is not None else s.guidance_scale)
 
 
