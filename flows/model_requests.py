@@ -26,7 +26,8 @@ from ddpm.generate import labels_for, run_sampler
 from ddpm.noise import image_seeds, make_noise
 from ddpm.pixels import model_to_uint8
 from ddpm.samplers import SAMPLERS, SamplerSpec
-from ddpm.schema import BOUNDS, SEED, sampler_spec
+from ddpm.samplers.sets import sampler_spec
+from ddpm.schema import BOUNDS, SEED
 
 QUERY_KEYS = ("n", "digit", "sampler", "steps", "seed", "guidance", "format")
 FORMATS = ("png", "json")
@@ -172,8 +173,8 @@ def request_labels(request: GenerateRequest, cfg: Config) -> torch.Tensor | None
 
 
 def setting_config(cfg: Config, sampler: str, steps: int, guidance: float) -> Config:
-    """`cfg` sampling with this sampler, step count and guidance (`ddpm.schema.sampler_spec` resolves them: a
-    sampler that takes no count runs all T whatever `steps` says)."""
+    """`cfg` sampling with this sampler, step count and guidance (`ddpm.samplers.sets.sampler_spec` resolves them:
+    a sampler that takes no count runs all T whatever `steps` says)."""
     return dataclasses.replace(cfg, sample=sampler_spec(cfg, SamplerSpec(sampler, steps, guidance), "request")[1])
 
 
