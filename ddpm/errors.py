@@ -10,6 +10,10 @@ class UserError(Exception):
     """Bad input the user can fix; the message says which input and how."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value, file or override that cannot be used; the message says which and how to fix it."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line (library messages can run to many), or its type when it has no text."""
     text = str(exc).strip()

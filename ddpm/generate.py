@@ -65,7 +65,7 @@ def image_noise(cfg: Config, start: int, count: int) -> Noise:
 
 def sampler_steps(cfg: Config) -> int:
     """Network evaluations per image: all T for DDPM, `sample.steps` for the few-step samplers."""
-    return cfg.diffusion.timesteps if SAMPLERS[cfg.sample.sampler].all_steps else cfg.sample.steps
+    return SAMPLERS[cfg.sample.sampler].num_steps(cfg.sample.steps, cfg.diffusion.timesteps)
 
 
 def run_sampler(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, noise: Noise,

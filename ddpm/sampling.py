@@ -2,7 +2,7 @@
 
 `sample` owns what every sampler shares: the network call (with guidance), the x0 estimate and its clipping,
 the per-image noise, the frames of the reverse animation and the progress bar. Each step in between is the
-sampler's own maths (`ddpm.samplers.ddpm`, `.ddim`, `.dpm_solver`).
+sampler's own maths (`ddpm.samplers.ddpm`, `.ddim`, `.dpm_solver`), found by name in `STEPS`.
 
 Reproducibility contract: every random draw for an image comes from that image's seed (base seed, global image
 index; `ddpm.noise`), so an image depends only on its seed (and label), not on the batch it was sampled in or on
@@ -11,6 +11,7 @@ how many workers shared the job. The samplers take any noise source with `randn(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +20,20 @@ from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.noise import PerImageNoise, PhiloxNoise
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import SAMPLERS, StepInput
+from ddpm.samplers.ddim import ddim_step
+from ddpm.samplers.ddpm import ddpm_step
+from ddpm.samplers.dpm_solver import dpm_solver_sde_step, dpm_solver_step
 
 Noise = PerImageNoise | PhiloxNoise
+
+# Each sampler's step by name: the torch half of `ddpm.samplers.SAMPLERS`, which the config reads without torch.
+STEPS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": ddpm_step,
+    "ddim": ddim_step,
+    "dpm++2m": dpm_solver_step,
+    "dpm++2m-sde": dpm_solver_sde_step,
+}
 
 
 @dataclass
@@ -135,7 +147,7 @@ def sample(
     progress: bool = False,
 ) -> SampleResult:
     """Run `sampler` (a name in `ddpm.samplers.SAMPLERS`) from x_T = the first draw of `noise` to the data, over
-    `ddim_timesteps(T, steps)` (all T for DDPM, which takes no `steps`).
+    `ddim_timesteps(T, n)`, n the steps the sampler runs (`Sampler.num_steps`: all T for DDPM, else `steps`).
 
     At each timestep t: eps from the network (guided, `guided_eps`), x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
     clipped to the data range [-1, 1] when clip_x0 (which keeps early, poor estimates from throwing the chain off)
@@ -144,13 +156,13 @@ def sample(
     chosen = SAMPLERS[sampler]
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0")
-    if not chosen.all_steps and steps is None:
-        raise ValueError(f"the {sampler} sampler needs a number of steps")
+    num_steps = chosen.num_steps(steps, diffusion.num_timesteps)
     device, diffusion, labels = _prepare(model, diffusion, noise, labels)
-    seq = ddim_timesteps(diffusion.num_timesteps, diffusion.num_timesteps if chosen.all_steps else steps)
+    seq = ddim_timesteps(diffusion.num_timesteps, num_steps)
+    step = STEPS[sampler]
     options = {"eta": eta} if "eta" in chosen.options else {}
     frames = _Frames(keep_every, len(seq))
-    state: dict = {}
+    memory: dict = {}
     with torch.inference_mode(), _EvalMode(model):
         x = noise.randn(device)
         for i, t in enumerate(tqdm(seq, desc=chosen.title, disable=not progress, leave=False)):
@@ -161,6 +173,6 @@ def sample(
                 x0 = x0.clamp(-1, 1)
                 eps = diffusion.predict_eps(x, t_batch, x0)
             t_next = seq[i + 1] if i + 1 < len(seq) else None
-            x = chosen.step(diffusion, x, x0, eps, t, t_next, lambda: noise.randn(device), state, **options)
+            x = step(diffusion, StepInput(x, x0, eps, t, t_next, lambda: noise.randn(device), memory), **options)
             frames(i, t, x, x0)
     return frames.result(x)

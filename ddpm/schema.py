@@ -1,6 +1,6 @@
 """What a config may hold: each key's bounds or choices (`BOUNDS`, `CHOICES`) and the rules between keys
-(`validate`), checked before any work starts, each refusal naming the key and the fix; and the sampler specs a
-config names ("sampler[:steps][@guidance]"), resolved against it.
+(`validate`), checked before any work starts, each refusal naming the key and the fix. The sampler specs a
+config names are resolved where the sets they draw are derived (`ddpm.samplers.sets`).
 
 The choices a key allows come from the code that acts on them where it has a registry (the samplers); the
 tests derive their bad values from these tables (tests/test_schema.py).
@@ -8,19 +8,18 @@ tests derive their bad values from these tables (tests/test_schema.py).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ddpm.errors import UserError
+from ddpm.errors import ConfigError, UserError
 from ddpm.samplers import SAMPLERS as SAMPLER_REGISTRY
-from ddpm.samplers import SamplerSpec
+from ddpm.samplers.sets import compare_sets, epoch_fld_config
 
 if TYPE_CHECKING:
-    from ddpm.config import Config, SampleConfig, TrainConfig, UNetConfig
+    from ddpm.config import Config, TrainConfig, UNetConfig
 
 # The choices each string key allows; the modules that act on them import these.
 BLOCKS = ("resblock", "convembed")
@@ -34,10 +33,6 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 NOISES = ("generator", "philox")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value, file or override that cannot be used; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -222,54 +217,6 @@ def worker_range(t: TrainConfig) -> tuple[int, int]:
     low, high = int(found[1]), int(found[2] or found[1])
     _check(1 <= low <= high, f"train.num_workers={t.num_workers!r}: need 1 <= MIN <= MAX")
     return low, high
-
-
-def parse_spec(text: str, key: str) -> SamplerSpec:
-    """A "sampler[:steps][@guidance]" spec given as `key`, parsed once; a bad one is refused naming the key."""
-    try:
-        return SamplerSpec.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"{key} {text!r}: {exc}") from None
-
-
-def sampler_spec(cfg: Config, spec: SamplerSpec, key: str) -> tuple[str, SampleConfig]:
-    """(set name, `cfg.sample` with the spec's sampler, step count and guidance). Names ("dpmpp2m-sde-25",
-    "ddim-20-w0") are file and MLflow-metric safe."""
-    s = cfg.sample
-    n = cfg.diffusion.timesteps if SAMPLER_REGISTRY[spec.sampler].all_steps else spec.steps or s.steps
-    _check(1 <= n <= cfg.diffusion.timesteps, f"{key} {str(spec)!r}: steps must be in [1, "
-                                              f"diffusion.timesteps={cfg.diffusion.timesteps}]")
-    return spec.set_name(n), dataclasses.replace(
-        s, sampler=spec.sampler, steps=s.steps if SAMPLER_REGISTRY[spec.sampler].all_steps else n, compare=(),
-        guidance_scale=spec.guidance if spec.guidance is not None else s.guidance_scale)
-
-
-def compare_sets(cfg: Config) -> dict[str, SampleConfig]:
-    """`sample.compare` as {set name: its sample config}: the main set's seeds, batches and labels, another
-    sampler, step count or guidance, `compare_samples` images."""
-    sets = {}
-    for spec in cfg.sample.compare:
-        key = "sample.compare entry"
-        name, sample = sampler_spec(cfg, parse_spec(spec, key), key)
-        _check(name not in sets, f"sample.compare lists {spec!r} twice")
-        # The main set's first seeds, at most all of them.
-        sets[name] = dataclasses.replace(sample, num_samples=min(cfg.sample.compare_samples, cfg.sample.num_samples))
-    return sets
-
-
-def epoch_fld_config(cfg: Config) -> Config:
-    """The config that draws each epoch's FLD set: `train.epoch_fld_sampler` on the first
-    `train.epoch_fld_samples` seeds of `sample.seed`, in batches of at most `sample.batch_size`."""
-    key = "train.epoch_fld_sampler"
-    spec = parse_spec(cfg.train.epoch_fld_sampler, key)
-    # Without "@w" a conditional model is scored by itself (w = 1), whatever the run samples with: guidance
-    # hides how far the network has trained (epochs 1-8 of a w = 2 run all scored 14-17, so the first was
-    # exported) and costs two network calls a step (docs/results.md, "A conditional model, and guidance at full scale").
-    if spec.guidance is None and cfg.unet.num_classes > 0:
-        spec = dataclasses.replace(spec, guidance=1.0)
-    _, sample = sampler_spec(cfg, spec, key)
-    return dataclasses.replace(cfg, sample=dataclasses.replace(
-        sample, num_samples=max(cfg.train.epoch_fld_samples, 1), bf16=False, num_actors=1))
 
 
 def env_seconds(variable: str, default: float, high: float) -> float:

@@ -26,7 +26,8 @@ from ddpm.generate import labels_for, run_sampler
 from ddpm.noise import image_seeds, make_noise
 from ddpm.pixels import model_to_uint8
 from ddpm.samplers import SAMPLERS, SamplerSpec
-from ddpm.schema import BOUNDS, SEED, sampler_spec
+from ddpm.samplers.sets import sampler_spec
+from ddpm.schema import BOUNDS, SEED
 
 QUERY_KEYS = ("n", "digit", "sampler", "steps", "seed", "guidance", "format")
 FORMATS = ("png", "json")
@@ -72,9 +73,9 @@ def default_sampler(cfg: Config, limits: Limits) -> tuple[str, int]:
     """(sampler, steps) when a query names none: the model's own recipe (what it was evaluated with), within the
     step cap; DDPM over the cap falls back to DDIM."""
     s, T = cfg.sample, cfg.diffusion.timesteps
-    if SAMPLERS[s.sampler].all_steps:
-        return (s.sampler, T) if T <= limits.max_steps else (FALLBACK_SAMPLER, min(s.steps, limits.max_steps, T))
-    return s.sampler, min(s.steps, limits.max_steps, T)
+    capped = min(s.steps, limits.max_steps, T)
+    steps = SAMPLERS[s.sampler].num_steps(capped, T)
+    return (s.sampler, steps) if steps <= limits.max_steps else (FALLBACK_SAMPLER, capped)
 
 
 def quoted(text: str) -> str:
@@ -120,18 +121,18 @@ def parse_generate(pairs: Iterable[tuple[str, str]], cfg: Config, limits: Limits
         if sampler not in SAMPLERS:
             raise RequestError(f"sampler {quoted(query['sampler'])} is not one of {', '.join(SAMPLERS)}")
         steps = min(cfg.sample.steps, limits.max_steps, T)
-    if SAMPLERS[sampler].all_steps:
-        if "steps" in query:
+    chosen = SAMPLERS[sampler]
+    if "steps" in query:
+        if not chosen.takes_steps:
             raise RequestError(f"{sampler} takes all diffusion.timesteps={T} steps of this model: drop steps")
-        if T > limits.max_steps:
-            others = ", ".join(name for name, s in SAMPLERS.items() if not s.all_steps)
-            raise RequestError(f"{sampler} takes all {T} timesteps of this model, over this service's --max-steps "
-                               f"{limits.max_steps}: use {others}")
-        steps = T
-    elif "steps" in query:
         high = min(limits.max_steps, T)
         steps = _in_range("steps", _whole("steps", query["steps"]), 1, high,
                           f"--max-steps {limits.max_steps}" if high < T else f"the model's diffusion.timesteps={T}")
+    steps = chosen.num_steps(steps, T)
+    if steps > limits.max_steps:  # only a sampler that takes no count runs past the cap it was given
+        others = ", ".join(name for name, s in SAMPLERS.items() if s.takes_steps)
+        raise RequestError(f"{sampler} takes all {T} timesteps of this model, over this service's --max-steps "
+                           f"{limits.max_steps}: use {others}")
     digit = None
     if "digit" in query:
         if not conditional:
@@ -172,9 +173,9 @@ def request_labels(request: GenerateRequest, cfg: Config) -> torch.Tensor | None
 
 
 def setting_config(cfg: Config, sampler: str, steps: int, guidance: float) -> Config:
-    """`cfg` sampling with this sampler, step count and guidance (`ddpm.schema.sampler_spec` resolves them)."""
-    spec = SamplerSpec(sampler, None if SAMPLERS[sampler].all_steps else steps, guidance)
-    return dataclasses.replace(cfg, sample=sampler_spec(cfg, spec, "request")[1])
+    """`cfg` sampling with this sampler, step count and guidance (`ddpm.samplers.sets.sampler_spec` resolves them:
+    a sampler that takes no count runs all T whatever `steps` says)."""
+    return dataclasses.replace(cfg, sample=sampler_spec(cfg, SamplerSpec(sampler, steps, guidance), "request")[1])
 
 
 def generate(model: nn.Module, diffusion: GaussianDiffusion, cfg: Config, requests: list[GenerateRequest],

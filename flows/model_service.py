@@ -405,10 +405,10 @@ def render_page(info: dict[str, Any] | None, cfg: Config | None, limits: Limits,
              f"<b id=version>none</b>: {html.escape(no_champion_message(uri, stale))}")
     if info and stale:
         about += f'. <span id=stale class=error>Not the champion: {html.escape(stale)}</span>'
-    all_steps = json.dumps([name for name, s in SAMPLERS.items() if s.all_steps])
+    no_count = json.dumps([name for name, s in SAMPLERS.items() if not s.takes_steps])
     most = min(limits.max_steps, cfg.diffusion.timesteps) if cfg else limits.max_steps
     return PAGE.format(about=about, samplers=options, digits=digits, steps=steps, max_steps=most,
-                       n=min(DEFAULT_IMAGES, limits.max_images), max_images=limits.max_images, all_steps=all_steps,
+                       n=min(DEFAULT_IMAGES, limits.max_images), max_images=limits.max_images, no_count=no_count,
                        digit_hidden="" if conditional else " hidden", digit_disabled="" if conditional else " disabled",
                        token_hidden="" if needs_token else " hidden",
                        draw_now=json.dumps(bool(info) and not needs_token), grid_px=GRID_PX)
@@ -435,9 +435,9 @@ PAGE = """<!doctype html>
 <script>
 const form = document.getElementById("form"), status = document.getElementById("status");
 const grid = document.getElementById("grid");
-const allSteps = {all_steps};
+const noCount = {no_count};  // samplers that run every timestep: the steps box is off for them
 function syncSteps() {{
-  document.getElementById("steps").disabled = allSteps.includes(document.getElementById("sampler").value);
+  document.getElementById("steps").disabled = noCount.includes(document.getElementById("sampler").value);
 }}
 document.getElementById("sampler").addEventListener("change", syncSteps);
 syncSteps();

@@ -54,7 +54,7 @@ def test_each_wrong_value_is_named_alone(key, text, message):
 
 
 def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
-    from ddpm.schema import compare_sets
+    from ddpm.samplers.sets import compare_sets
 
     cfg = load_config("smoke", overrides={"sample.compare": "ddpm,dpm++2m:8@0", "sample.guidance_scale": "2"})
     sets = compare_sets(cfg)
@@ -74,7 +74,7 @@ def test_compare_sets_share_the_main_sets_seeds_and_name_themselves():
     (0, "ddim:5", 3.0),       # an unconditional model ignores guidance: the run's value is kept as it was
 ])
 def test_epoch_scores_of_a_conditional_model_default_to_guidance_1(classes, spec, guidance):
-    from ddpm.schema import epoch_fld_config
+    from ddpm.samplers.sets import epoch_fld_config
 
     cfg = load_config("smoke", overrides={"unet.num_classes": str(classes), "sample.guidance_scale": "3",
                                           "train.epoch_fld_sampler": spec})

@@ -2,6 +2,7 @@
 an analytic oracle for Gaussian data, classifier-free guidance, animation frames and x0 clipping."""
 
 import math
+import re
 from functools import partial
 
 import numpy as np
@@ -13,7 +14,7 @@ from ddpm.config import DiffusionConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.noise import PerImageNoise, image_seeds, make_noise
 from ddpm.samplers import SAMPLERS, SamplerSpec
-from ddpm.sampling import ddim_timesteps, guided_eps, sample
+from ddpm.sampling import STEPS, ddim_timesteps, guided_eps, sample
 
 # The samplers through the one loop (`ddpm.sampling.sample`), by their registered names.
 ddpm_sample = partial(sample, sampler="ddpm")
@@ -100,7 +101,7 @@ def run_registered(name, model, d, noise, **kwargs):
     """Any registered sampler, with the options the tests give it: 10 steps for the few-step samplers, eta 0.5
     for those that take it (DDIM with noise)."""
     chosen = SAMPLERS[name]
-    options = ({} if chosen.all_steps else {"steps": 10}) | ({"eta": 0.5} if "eta" in chosen.options else {})
+    options = ({"steps": 10} if chosen.takes_steps else {}) | ({"eta": 0.5} if "eta" in chosen.options else {})
     return sample(model, d, noise, sampler=name, **options, **kwargs)
 
 
@@ -385,10 +386,31 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close():
 # --- the registry and its specs ------------------------------------------------------------------------------
 
 
+def test_every_registered_sampler_has_a_step_and_every_step_a_name():
+    assert list(STEPS) == list(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_the_sampler_decides_how_many_steps_it_runs(name):
+    """DDPM runs all T whatever it is given; the others run the count they are given and refuse to guess one.
+    The loop runs exactly what the sampler decides."""
+    chosen, T = SAMPLERS[name], 20
+    if chosen.takes_steps:
+        assert chosen.num_steps(7, T) == 7
+        with pytest.raises(ValueError, match=re.escape(f"the {name} sampler needs a number of steps")):
+            chosen.num_steps(None, T)
+        with pytest.raises(ValueError, match="needs a number of steps"):
+            sample(TinyNet(), diffusion(T), PerImageNoise([1], SHAPE), sampler=name)
+    else:
+        assert chosen.num_steps(7, T) == chosen.num_steps(None, T) == T
+    out = sample(TinyNet(), diffusion(T), PerImageNoise([1], SHAPE), sampler=name, steps=7, keep_every=1)
+    assert out.timesteps == ddim_timesteps(T, chosen.num_steps(7, T))
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 @pytest.mark.parametrize("steps, guidance", [(None, None), (7, None), (None, 0.0), (12, 2.5)])
 def test_spec_round_trips_and_names_its_set(name, steps, guidance):
-    if SAMPLERS[name].all_steps and steps is not None:
+    if not SAMPLERS[name].takes_steps and steps is not None:
         with pytest.raises(ValueError, match="drop ':steps'"):
             SamplerSpec.parse(f"{name}:{steps}")
         return

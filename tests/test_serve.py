@@ -54,8 +54,8 @@ from flows.model_requests import (
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FEW_STEP = [name for name, s in SAMPLERS.items() if not s.all_steps]
-ALL_STEPS = [name for name, s in SAMPLERS.items() if s.all_steps]
+FEW_STEP = [name for name, s in SAMPLERS.items() if s.takes_steps]
+ALL_STEPS = [name for name, s in SAMPLERS.items() if not s.takes_steps]
 LIMITS = Limits(max_images=8, max_steps=12)  # smoke: T = 20, so the step cap (12) is the binding one
 
 

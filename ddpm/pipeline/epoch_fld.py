@@ -42,7 +42,7 @@ from ddpm.images import plot_loss_curves
 from ddpm.metrics import extract_lenet_outputs, frechet_lenet_distance
 from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, read_json
 from ddpm.pixels import uint8_to_model
-from ddpm.schema import epoch_fld_config
+from ddpm.samplers.sets import epoch_fld_config
 
 
 def check_evaluator(cfg: Config, paths: RunPaths) -> None:

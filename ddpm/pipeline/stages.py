@@ -51,7 +51,7 @@ from ddpm.pipeline.run_folder import RunPaths, read_json
 from ddpm.pipeline.samples import SampleShard, combine_shards, plan_shards, read_samples, sample_shard, shard_file
 from ddpm.pipeline.training import fit_in_folder
 from ddpm.pixels import uint8_to_model
-from ddpm.schema import compare_sets
+from ddpm.samplers.sets import compare_sets
 from ddpm.training import EpochMetrics, resolve_device
 
 __all__ = ["RunPaths", "prepare_data", "train_classifier", "train_unet", "sample", "evaluate"]

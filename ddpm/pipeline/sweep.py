@@ -27,7 +27,8 @@ from ddpm.metrics import (
 from ddpm.pipeline.run_folder import RunPaths
 from ddpm.pixels import uint8_to_model
 from ddpm.samplers import SamplerSpec
-from ddpm.schema import BOUNDS, parse_spec, sampler_spec
+from ddpm.samplers.sets import parse_spec, sampler_spec
+from ddpm.schema import BOUNDS
 from ddpm.training import resolve_device
 
 SCORES = ("fld", "precision", "recall", "density", "coverage")

@@ -1,46 +1,61 @@
-"""The samplers, by name: one step function each (pure tensor maths, in a module named for it), and the spec
-`name[:steps][@guidance]` that names a sampler wherever a config, a flag or the epoch scoring asks for one.
+"""The samplers, by name: what the config and the service read of each (its title, its options, how many of the
+T timesteps it runs), with no torch, and the spec `name[:steps][@guidance]` that names a sampler wherever a
+config, a flag or the epoch scoring asks for one.
 
-`ddpm.sampling.sample` is the one loop that runs any of them: it owns the model call, guidance, x0 clipping,
-frames for the animation and progress, and hands each step the network's (x0, eps) at timestep t:
-
-    step(diffusion, x, x0, eps, t, t_next, draw, state, **options) -> x at t_next
-
-`t_next` is None at the last step (to the data); `draw()` is the next per-image noise draw (`ddpm.noise`), taken
-only when a step needs one; `state` is the step's own memory across steps (multistep solvers).
+Each sampler's step is pure tensor maths in a module named for it (`.ddpm`, `.ddim`, `.dpm_solver`), taking the
+loop's `StepInput` and its own options; `ddpm.sampling.STEPS` maps each name here to its step, beside the one
+loop that runs them all (the network call, guidance, x0 clipping, frames, progress).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the steps' types only: importing torch here would tie the config to it (test_architecture.py)
+    import torch
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
-    step_path: str  # "module:function" of its step, imported when first run (see below)
     title: str  # the progress bar's label
-    all_steps: bool = False  # takes every one of the T timesteps (ancestral DDPM); the others take `steps`
     options: tuple[str, ...] = ()  # keyword options its step takes from the sample config (DDIM's eta)
+    takes_steps: bool = True  # False: it runs every one of the T timesteps, as ancestral DDPM does
 
-    @property
-    def step(self) -> Callable:
-        module, function = self.step_path.split(":")
-        return getattr(importlib.import_module(module), function)
+    def num_steps(self, steps: int | None, timesteps: int) -> int:
+        """How many of the `timesteps` steps of the schedule it runs (diffusers' `set_timesteps`): `steps`, or
+        all of them for a sampler that takes no count (DDPM, whatever `steps` says: `sample.steps` is the count
+        of the samplers that take one)."""
+        if not self.takes_steps:
+            return timesteps
+        if steps is None:
+            raise ValueError(f"the {self.name} sampler needs a number of steps")
+        return steps
 
 
-# The steps are named, not imported: the config reads this registry for its choices, and every `ddpm` command
-# reads the config before any work, refusals included; importing the steps would import torch, 2 s of a
-# 0.1 s command (tests/test_architecture.py).
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddpm", "ddpm.samplers.ddpm:ddpm_step", "DDPM", all_steps=True),
-    Sampler("ddim", "ddpm.samplers.ddim:ddim_step", "DDIM", options=("eta",)),
-    Sampler("dpm++2m", "ddpm.samplers.dpm_solver:dpm_solver_step", "DPM-Solver++(2M)"),
-    Sampler("dpm++2m-sde", "ddpm.samplers.dpm_solver:dpm_solver_sde_step", "DPM-Solver++(2M) SDE"),
+    Sampler("ddpm", "DDPM", takes_steps=False),
+    Sampler("ddim", "DDIM", options=("eta",)),
+    Sampler("dpm++2m", "DPM-Solver++(2M)"),
+    Sampler("dpm++2m-sde", "DPM-Solver++(2M) SDE"),
 )}
+
+
+@dataclass
+class StepInput:
+    """What the loop hands a step at timestep t; each step reads only the fields its maths uses."""
+
+    x: torch.Tensor  # x_t
+    x0: torch.Tensor  # the network's x0 estimate (clipped when the loop clips)
+    eps: torch.Tensor  # the noise estimate that agrees with x0
+    t: int
+    t_next: int | None  # None at the last step (to the data)
+    draw: Callable[[], torch.Tensor]  # the next per-image noise draw (`ddpm.noise`), taken only when needed
+    memory: dict  # the step's own memory across steps (multistep solvers)
+
 
 _SPEC = re.compile(r"^(?P<sampler>[a-z0-9+-]+?)(?::(?P<steps>\d+))?(?:@(?P<guidance>[0-9.]+))?$")
 
@@ -63,7 +78,7 @@ class SamplerSpec:
         name, steps, guidance = found["sampler"], found["steps"], found["guidance"]
         if name not in SAMPLERS:
             raise ValueError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
-        if SAMPLERS[name].all_steps and steps:
+        if steps and not SAMPLERS[name].takes_steps:
             raise ValueError(f"{name} takes all diffusion.timesteps steps; drop ':steps'")
         try:
             scale = float(guidance) if guidance is not None else None

@@ -19,10 +19,11 @@ way; on an under-trained network it gives much better samples than the ODE at th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from ddpm.samplers import StepInput
 
 if TYPE_CHECKING:  # the step only reads its schedule; importing it would tie the registry to the config
     from ddpm.diffusion import GaussianDiffusion
@@ -33,28 +34,26 @@ def log_snr(ab: float) -> float:
     return 0.5 * (math.log(ab) - math.log1p(-ab))
 
 
-def dpm_solver_step(diffusion: GaussianDiffusion, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: int,
-                    t_next: int | None, draw: Callable[[], torch.Tensor], state: dict,
-                    stochastic: bool = False) -> torch.Tensor:
-    """One step of the module's update; `state` carries the previous step's x0 and h (the multistep memory)."""
-    if t_next is None:
+def dpm_solver_step(diffusion: GaussianDiffusion, at: StepInput, stochastic: bool = False) -> torch.Tensor:
+    """One step of the module's update; `at.memory` carries the previous step's x0 and h (the multistep memory)."""
+    x0, memory = at.x0, at.memory
+    if at.t_next is None:
         return x0  # to sigma = 0: exp(-h) = 0 and the first-order update is x0 itself
     ab = diffusion.alpha_bars64  # float64 scalars: see GaussianDiffusion
-    a, a_next = float(ab[t]), float(ab[t_next])
+    a, a_next = float(ab[at.t]), float(ab[at.t_next])
     h = log_snr(a_next) - log_snr(a)
-    x0_prev, h_prev = state.get("x0"), state.get("h", 0.0)
+    x0_prev, h_prev = memory.get("x0"), memory.get("h", 0.0)
     d = x0 if x0_prev is None else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)  # 1 / (2 r) = h / 2h_prev
     ratio = ((1 - a_next) / (1 - a)) ** 0.5
     if stochastic:
-        x = ratio * math.exp(-h) * x - a_next**0.5 * math.expm1(-2 * h) * d \
-            + (1 - a_next) ** 0.5 * (-math.expm1(-2 * h)) ** 0.5 * draw()
+        x = ratio * math.exp(-h) * at.x - a_next**0.5 * math.expm1(-2 * h) * d \
+            + (1 - a_next) ** 0.5 * (-math.expm1(-2 * h)) ** 0.5 * at.draw()
     else:
-        x = ratio * x - a_next**0.5 * math.expm1(-h) * d
-    state["x0"], state["h"] = x0, h
+        x = ratio * at.x - a_next**0.5 * math.expm1(-h) * d
+    memory["x0"], memory["h"] = x0, h
     return x
 
 
-def dpm_solver_sde_step(diffusion: GaussianDiffusion, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                        t: int, t_next: int | None, draw: Callable[[], torch.Tensor], state: dict) -> torch.Tensor:
+def dpm_solver_sde_step(diffusion: GaussianDiffusion, at: StepInput) -> torch.Tensor:
     """The SDE variant's step (sde-dpmsolver++)."""
-    return dpm_solver_step(diffusion, x, x0, eps, t, t_next, draw, state, stochastic=True)
+    return dpm_solver_step(diffusion, at, stochastic=True)
