@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -270,18 +269,3 @@ def epoch_fld_config(cfg: Config) -> Config:
     _, sample = sampler_spec(cfg, spec, key)
     return dataclasses.replace(cfg, sample=dataclasses.replace(
         sample, num_samples=max(cfg.train.epoch_fld_samples, 1), bf16=False, num_actors=1))
-
-
-def env_seconds(variable: str, default: float, high: float) -> float:
-    """A wait read from the environment ($DDPM_CONNECT_TIMEOUT_S, $DDPM_LOCK_WAIT_S): unset is `default`; a value
-    that is not a number of seconds in (0, high] is bad input like any config value."""
-    text = os.environ.get(variable, "")
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= high:
-        raise UserError(f"{variable}={text!r} must be a number of seconds in (0, {high:g}]")
-    return value
