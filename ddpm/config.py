@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddpm.coercion import coerce
 from ddpm.errors import first_line
-from ddpm.schema import ConfigError, validate
+from ddpm.schema import ConfigError, EpochScoring, validate
 
 
 @dataclass
@@ -95,15 +96,9 @@ class TrainConfig:
     compile: str = "off"
     max_train_images: int = 0  # > 0 trains on a seeded subset (smoke/cpu profiles)
     max_val_images: int = 0
-    # Ray Train workers: "N", or "MIN-MAX" for elastic training (Ray Train's ScalingConfig(num_workers=(MIN, MAX)):
-    # it starts with as many as the cluster holds, goes on with fewer when one is lost, grows when they return).
-    # "1" trains in-process. The global batch above never changes with the count (see micro_batch).
-    num_workers: str = "1"
     # Most images one worker puts through the network at once; a larger share of the global batch is split into
     # micro-batches whose gradients accumulate (0: no limit). Keeps memory bounded when workers are lost.
     micro_batch: int = 0
-    use_gpu: str = "auto"  # Ray workers on GPUs: "auto" | "true" | "false"
-    max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
     # Sample quality per epoch: `epoch_fld_samples` images (the first seeds of sample.seed, so every epoch draws
     # the same noise) from each epoch's EMA weights with `epoch_fld_sampler` ("sampler[:steps][@guidance]"), their
     # FLD against the test set under the run's LeNet evaluator. Ray Train scores epochs as they are reported
@@ -111,10 +106,6 @@ class TrainConfig:
     # scored at guidance 1 (the conditional network alone) unless the spec names its own "@w".
     epoch_fld_samples: int = 1_000
     epoch_fld_sampler: str = "dpm++2m-sde:20"
-    # Where Ray training scores each epoch: "task" (a Ray Train validation task beside the training), "worker"
-    # (rank 0, between epochs, as in-process training does), or "auto": a task where the workers train on GPUs
-    # and the scoring can use the node's idle CPUs, the worker where they hold every core (docs/performance.md).
-    epoch_fld_where: str = "auto"
     # Which epoch becomes unet/model.pt: "best" (lowest epoch FLD) or "last". Validation loss does not track
     # sample quality (losses within 4% came with FLDs from 5.7 to 25.3), so "best" needs the epoch FLD.
     export: str = "best"
@@ -148,7 +139,6 @@ class SampleConfig:
     noise: str = "generator"
     use_ema: bool = True
     clip_x0: bool = True
-    num_actors: int = 1  # Ray sampling actors; 1 samples in-process
     # The network under bf16 autocast while sampling (the sampler's arithmetic stays float32). On the 2-core CPU
     # 1.8x faster, with FLD 7.93 against 7.75 on the same 2,000 seeds (docs/performance.md): off by default.
     bf16: bool = False
@@ -175,6 +165,30 @@ class TrackingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the pipeline runs, not what it learns: images and optimizer steps depend on none of these."""
+
+    # Ray Train workers as (fewest, most): a count is written 2, an elastic range [1, 4] or "1-4". Elastic: Ray
+    # Train starts with as many as the cluster holds, goes on with fewer when one is lost, grows when they return.
+    # (1, 1) trains in the flow's process unless $RAY_ADDRESS names a cluster. The global batch never changes
+    # with the count (see train.micro_batch).
+    workers: tuple[int, int] = (1, 1)
+    use_gpu: bool | None = None  # Ray workers on GPUs; None ("auto"): where the cluster has GPUs
+    max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
+    # Where Ray training scores each epoch: "task" (a Ray Train validation task beside the training), "worker"
+    # (rank 0, between epochs, as in-process training does), or "auto": a task on GPU workers, whose node has idle
+    # CPUs, the worker on CPU workers, which hold every core (docs/performance.md, "Orchestration").
+    epoch_scoring: EpochScoring = "auto"
+    sample_actors: int = 1  # Ray sampling actors; 1 samples in-process
+
+    @property
+    def workers_text(self) -> str:
+        """The worker count as written by hand: "2", or "1-4" for an elastic range."""
+        fewest, most = self.workers
+        return f"{most}" if fewest == most else f"{fewest}-{most}"
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     runs_dir: str = "runs"
@@ -186,6 +200,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,48 +284,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a parsed file value or a `--set` string into the field's declared type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if isinstance(value, bool) and annotation is not bool:  # JSON's true is no number of epochs
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
-    if isinstance(value, (dict, list)) and annotation in (bool, int, float, str):
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}") from None
-    return value
-
-
 # Keys renamed since configs were first written, old -> new: config files, --set and the configs saved in run
-# folders and checkpoints may still use the old name.
-RENAMED_KEYS = {"sample.ddim_steps": "sample.steps"}
+# folders and checkpoints may still use the old name. The new keys read the old values as written ("1-4",
+# "auto"/"true"/"false") too.
+RENAMED_KEYS = {
+    "sample.ddim_steps": "sample.steps",
+    # Orchestration left the science sections for `cluster`.
+    "train.num_workers": "cluster.workers",
+    "train.use_gpu": "cluster.use_gpu",
+    "train.max_failures": "cluster.max_failures",
+    "train.epoch_fld_where": "cluster.epoch_scoring",
+    "sample.num_actors": "cluster.sample_actors",
+}
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -326,7 +311,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(Config().flat()))}")
     hints = typing.get_type_hints(type(target))
-    setattr(target, name, _coerce(value, hints[name], key))
+    setattr(target, name, coerce(value, hints[name], key))
 
 
 def _sections() -> str:

@@ -258,13 +258,13 @@ def test_guided_flow_trains_a_conditional_unet_on_two_workers(tmp_path, mirror):
 
     try:
         summary = mnist_ddpm(profile="smoke", runs_dir=str(tmp_path), run_name="guided", guidance_scale=2.0,
-                             overrides={"data.mirror": str(mirror), "train.num_workers": "2", "train.epochs": "1",
+                             overrides={"data.mirror": str(mirror), "cluster.workers": "2", "train.epochs": "1",
                                         "sample.num_samples": "40", "sample.batch_size": "8"})
     finally:
         shutdown_ray()
     run = tmp_path / "guided"
     _, trained = load_model(run / "unet" / "model.pt")
-    assert trained.unet.num_classes == 10 and trained.train.num_workers == "2"
+    assert trained.unet.num_classes == 10 and trained.cluster.workers == (2, 2)
     _, labels = read_samples(run / "samples" / "samples.parquet")
     assert np.abs(np.bincount(labels, minlength=10) - 40 * np.array(trained.unet.label_shares)).max() <= 2
     evaluation = json.loads((run / "evaluation.json").read_text())

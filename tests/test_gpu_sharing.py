@@ -149,7 +149,7 @@ def test_the_smoke_flow_completes_beside_the_service_on_logical_gpus(gpus, runs,
         before = health(port)["version"]
         flow = subprocess.run(
             [str(BIN / "ddpm"), "pipeline", "--profile", "smoke", "--mirror", str(mirror),
-             "--out", str(runs / f"gpus{gpus}"), "--set", f"train.num_workers={gpus}"],
+             "--out", str(runs / f"gpus{gpus}"), "--set", f"cluster.workers={gpus}"],
             env={**cluster.env, "MLFLOW_TRACKING_URI": uri, "DDPM_RESOURCE_WAIT_S": "120"}, cwd=REPO,
             capture_output=True, text=True, timeout=780)
         output = flow.stdout + flow.stderr
