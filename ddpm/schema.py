@@ -260,8 +260,8 @@ def epoch_fld_config(cfg: Config) -> Config:
     key = "train.epoch_fld_sampler"
     spec = parse_spec(cfg.train.epoch_fld_sampler, key)
     # Without "@w" a conditional model is scored by itself (w = 1), whatever the run samples with: guidance
-    # hides how far the network has trained (epochs 1-8 of a w = 2 run all scored 14-17, so the first was
-    # exported) and costs two network calls a step (docs/results.md, "A conditional model, and guidance at full scale").
+    # hides how far the network has trained and costs two network calls a step (docs/results.md, "The figures
+    # behind the defaults").
     if spec.guidance is None and cfg.unet.num_classes > 0:
         spec = dataclasses.replace(spec, guidance=1.0)
     _, sample = sampler_spec(cfg, spec, key)
