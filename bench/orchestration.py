@@ -5,7 +5,7 @@
 
 - `in-process`: `ddpm train --out R` (the library's `fit`, epochs scored between epochs);
 - `ray-train`: `flows.distributed.train_with_ray` on one Ray Train worker, outside any flow (epochs scored where
-  `train.epoch_fld_where` puts them);
+  `cluster.epoch_scoring` puts them);
 - `flow`: `ddpm pipeline --out R`, what `make run` runs (one local worker trains in the flow's own process, MLflow
   logs live), with a token sample and evaluation after training.
 

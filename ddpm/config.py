@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddpm.coercion import coerce
 from ddpm.errors import first_line
-from ddpm.schema import ConfigError, validate
+from ddpm.schema import ConfigError, EpochScoring, validate
 
 
 @dataclass
@@ -45,7 +46,7 @@ class UNetConfig:
     num_classes: int = 0  # > 0 adds a label embedding (plus a reserved null label) for guidance
     # A conditional model's class prior p(y): the share of each digit it draws when sampling. Training records
     # the training split's label shares here when none are given, and the checkpoint carries them, so a
-    # conditional model draws digits as often as the data holds them (MNIST's 1s are 11.2%, its 5s 9.0%).
+    # conditional model draws digits as often as the data holds them, not uniformly.
     label_shares: tuple[float, ...] = ()
     init: str = "default"  # "default": PyTorch init + zeroed output conv; "flux": Xavier weights, zero biases
 
@@ -77,7 +78,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.999  # 0 disables EMA
     # Label dropout for classifier-free guidance (conditional models only): the share of images trained as the
-    # unconditional branch. 0.2 is the original's (its `p_losses` default); at 0.1 the branch was weaker.
+    # unconditional branch. 0.2 is the original's (its `p_losses` default); 0.1 trained a weaker one.
     p_uncond: float = 0.2
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -95,15 +96,9 @@ class TrainConfig:
     compile: str = "off"
     max_train_images: int = 0  # > 0 trains on a seeded subset (smoke/cpu profiles)
     max_val_images: int = 0
-    # Ray Train workers: "N", or "MIN-MAX" for elastic training (Ray Train's ScalingConfig(num_workers=(MIN, MAX)):
-    # it starts with as many as the cluster holds, goes on with fewer when one is lost, grows when they return).
-    # "1" trains in-process. The global batch above never changes with the count (see micro_batch).
-    num_workers: str = "1"
     # Most images one worker puts through the network at once; a larger share of the global batch is split into
     # micro-batches whose gradients accumulate (0: no limit). Keeps memory bounded when workers are lost.
     micro_batch: int = 0
-    use_gpu: str = "auto"  # Ray workers on GPUs: "auto" | "true" | "false"
-    max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
     # Sample quality per epoch: `epoch_fld_samples` images (the first seeds of sample.seed, so every epoch draws
     # the same noise) from each epoch's EMA weights with `epoch_fld_sampler` ("sampler[:steps][@guidance]"), their
     # FLD against the test set under the run's LeNet evaluator. Ray Train scores epochs as they are reported
@@ -111,18 +106,14 @@ class TrainConfig:
     # scored at guidance 1 (the conditional network alone) unless the spec names its own "@w".
     epoch_fld_samples: int = 1_000
     epoch_fld_sampler: str = "dpm++2m-sde:20"
-    # Where Ray training scores each epoch: "task" (a Ray Train validation task beside the training), "worker"
-    # (rank 0, between epochs, as in-process training does), or "auto": a task where the workers train on GPUs
-    # and the scoring can use the node's idle CPUs, the worker where they hold every core (docs/performance.md).
-    epoch_fld_where: str = "auto"
     # Which epoch becomes unet/model.pt: "best" (lowest epoch FLD) or "last". Validation loss does not track
-    # sample quality (losses within 4% came with FLDs from 5.7 to 25.3), so "best" needs the epoch FLD.
+    # sample quality (docs/results.md, "The figures behind the defaults"), so "best" needs the epoch FLD.
     export: str = "best"
 
 
 @dataclass
 class ClassifierConfig:
-    epochs: int = 6  # 98.8% test accuracy on the full training split (measured)
+    epochs: int = 6  # enough to pass min_accuracy on the full training split, with a margin
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
@@ -148,9 +139,8 @@ class SampleConfig:
     noise: str = "generator"
     use_ema: bool = True
     clip_x0: bool = True
-    num_actors: int = 1  # Ray sampling actors; 1 samples in-process
-    # The network under bf16 autocast while sampling (the sampler's arithmetic stays float32). On the 2-core CPU
-    # 1.8x faster, with FLD 7.93 against 7.75 on the same 2,000 seeds (docs/performance.md): off by default.
+    # The network under bf16 autocast while sampling (the sampler's arithmetic stays float32). Off by default: on
+    # a CPU it buys speed with sample quality (docs/performance.md, "What else was tried on CPU").
     bf16: bool = False
     compile: str = "off"  # torch.compile of the network for sampling (see train.compile)
     animation_images: int = 16  # images in the reverse-process animation
@@ -175,6 +165,30 @@ class TrackingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the pipeline runs, not what it learns: images and optimizer steps depend on none of these."""
+
+    # Ray Train workers as (fewest, most): a count is written 2, an elastic range [1, 4] or "1-4". Elastic: Ray
+    # Train starts with as many as the cluster holds, goes on with fewer when one is lost, grows when they return.
+    # (1, 1) trains in the flow's process unless $RAY_ADDRESS names a cluster. The global batch never changes
+    # with the count (see train.micro_batch).
+    workers: tuple[int, int] = (1, 1)
+    use_gpu: bool | None = None  # Ray workers on GPUs; None ("auto"): where the cluster has GPUs
+    max_failures: int = 2  # Ray FailureConfig: restarts from the last checkpoint
+    # Where Ray training scores each epoch: "task" (a Ray Train validation task beside the training), "worker"
+    # (rank 0, between epochs, as in-process training does), or "auto": a task on GPU workers, whose node has idle
+    # CPUs, the worker on CPU workers, which hold every core (docs/performance.md, "Orchestration").
+    epoch_scoring: EpochScoring = "auto"
+    sample_actors: int = 1  # Ray sampling actors; 1 samples in-process
+
+    @property
+    def workers_text(self) -> str:
+        """The worker count as written by hand: "2", or "1-4" for an elastic range."""
+        fewest, most = self.workers
+        return f"{most}" if fewest == most else f"{fewest}-{most}"
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     runs_dir: str = "runs"
@@ -186,6 +200,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,24 +220,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The epoch FLD is watched but, as in the original, the last epoch is the model.
     "original": {"unet.init": "flux", "train.ema_decay": 0.0, "train.grad_clip": 0.0, "sample.sampler": "ddpm",
                  "train.export": "last"},
-    # One GPU, about 10 minutes of training (15 epochs = 25k steps at batch 32); 10,000 DDPM samples.
-    # The fast path (bench/fast_path.py; unmeasured on a GPU so far, see docs/performance.md): one host sync per
-    # 50 steps, fused AdamW, noise computed on the GPU (philox: per-image CPU generators would make a million CPU
-    # draws per DDPM set), and sampling batches of 2,000. torch.compile stays off until gpu_check.sh measures it.
+    # One GPU: the defaults' 15 epochs and 10,000 DDPM samples on the fast path, chosen on expectation until a GPU
+    # measures it (docs/performance.md, "GPU (outstanding)"): one host sync per 50 steps, fused AdamW, noise
+    # computed on the GPU (philox, no per-image CPU draws), sampling batches of 2,000; torch.compile off.
     "gpu": {"train.device": "auto", "train.check_every": 50, "train.fused_optimizer": True,
             "sample.noise": "philox", "sample.batch_size": 2_000,
             "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
-    # A 2-core machine's `make run` in about 20 minutes (docs/results.md, "A recipe for the budget"): steps, not
-    # epochs, buy quality, so one worker using both cores at batch 32 under bf16 autocast (at equal wall time it
-    # beat float32), trained in the flow's own process (docs/performance.md, "Orchestration") for 9 epochs, with
-    # 500 steps of warm-up, the rate decayed to 0 by a cosine (FLD 4.35 against 5.25 at a constant rate) and
-    # Min-SNR-gamma 5 (4.18). The model is digit-conditional and samples at guidance 1, its conditional network
-    # alone, with the digits in the training split's shares: FLD 0.89 against the unconditional model's 4.18 at
-    # the same cost, every digit within 8.2% of its test share against 18.3%. Guidance above 1 only raised the
-    # FLD (2,000 images: 1.35 at w = 1, 3.3 at 1.5, 7.5 at 2, 13.4 at 3). Then 10,000 samples with the stochastic
-    # DPM-Solver++ in 25 steps: on a 4-epoch model, 2,000 samples, it matched 100-step DDPM (FLD 11.3; 30 steps
-    # 10.9, 20 steps 12.4), where the deterministic solver (26.1 at 20 steps) and DDIM (30.5) did not. Sampling
-    # stays float32 (bf16 sampling cost 2% FLD for 1.8x).
+    # A 2-core machine's `make run` in about 20 minutes: each choice below (bf16 training, warm-up and cosine
+    # decay, Min-SNR-gamma, a digit-conditional model at guidance 1, DPM-Solver++ SDE in 25 steps) won a measured
+    # comparison at equal cost (docs/results.md, "The figures behind the defaults").
     "cpu": {
         "unet.num_classes": 10,
         "train.epochs": 9,
@@ -231,13 +237,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.snr_gamma": 5.0,
         "train.cpu_bf16": True,
         "train.max_val_images": 2_000,
-        # About 8 s of the 2 cores per epoch, between epochs.
+        # Scored between epochs, on both cores: the cost is in docs/performance.md, "Scoring every epoch".
         "train.epoch_fld_samples": 500,
         "sample.sampler": "dpm++2m-sde",
         "sample.steps": 25,
-        "sample.batch_size": 250,  # 1,300 image-steps/s here against about 800 at 500 (measured)
-        # On the first 2,000 seeds: 100-step DDPM (about 2 minutes here; 10,000 would take 10), and the same
-        # sampler at guidance 0, the model's unconditional branch (half a minute).
+        "sample.batch_size": 250,  # faster than 500 on a 2-core CPU (docs/performance.md, "make bench")
+        # On the first 2,000 seeds (10,000 would cost more than the run's sampling): 100-step DDPM, and the same
+        # sampler at guidance 0, the model's unconditional branch.
         "sample.compare": ("ddpm", "dpm++2m-sde@0"),
     },
     # Seconds, for tests: tiny network, few steps, few images.
@@ -269,48 +275,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a parsed file value or a `--set` string into the field's declared type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if isinstance(value, bool) and annotation is not bool:  # JSON's true is no number of epochs
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
-    if isinstance(value, (dict, list)) and annotation in (bool, int, float, str):
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}")
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {annotation.__name__}") from None
-    return value
-
-
 # Keys renamed since configs were first written, old -> new: config files, --set and the configs saved in run
-# folders and checkpoints may still use the old name.
-RENAMED_KEYS = {"sample.ddim_steps": "sample.steps"}
+# folders and checkpoints may still use the old name. The new keys read the old values as written ("1-4",
+# "auto"/"true"/"false") too.
+RENAMED_KEYS = {
+    "sample.ddim_steps": "sample.steps",
+    # Orchestration left the science sections for `cluster`.
+    "train.num_workers": "cluster.workers",
+    "train.use_gpu": "cluster.use_gpu",
+    "train.max_failures": "cluster.max_failures",
+    "train.epoch_fld_where": "cluster.epoch_scoring",
+    "sample.num_actors": "cluster.sample_actors",
+}
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -326,7 +302,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(Config().flat()))}")
     hints = typing.get_type_hints(type(target))
-    setattr(target, name, _coerce(value, hints[name], key))
+    setattr(target, name, coerce(value, hints[name], key))
 
 
 def _sections() -> str:

@@ -9,17 +9,15 @@ tests derive their bad values from these tables (tests/test_schema.py).
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from ddpm.errors import ConfigError, UserError
+from ddpm.errors import ConfigError
 from ddpm.samplers import SAMPLERS as SAMPLER_REGISTRY
 from ddpm.samplers.sets import compare_sets, epoch_fld_config
 
 if TYPE_CHECKING:
-    from ddpm.config import Config, TrainConfig, UNetConfig
+    from ddpm.config import ClusterConfig, Config, UNetConfig
 
 # The choices each string key allows; the modules that act on them import these.
 BLOCKS = ("resblock", "convembed")
@@ -28,7 +26,8 @@ SCHEDULES = ("cosine", "linear")
 LOSSES = ("mse", "l1")
 SAMPLERS = tuple(SAMPLER_REGISTRY)  # "ddpm", "ddim", "dpm++2m", "dpm++2m-sde": the samplers the library registers
 EXPORTS = ("best", "last")
-SCORING_PLACES = ("auto", "task", "worker")
+EpochScoring = Literal["auto", "task", "worker"]  # where Ray training scores each epoch (cluster.epoch_scoring)
+SCORING_PLACES: tuple[str, ...] = get_args(EpochScoring)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 NOISES = ("generator", "philox")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -95,7 +94,6 @@ BOUNDS: dict[str, Bounds] = {
     "train.max_train_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
     "train.max_val_images": Bounds(0, MNIST_TRAIN, "MNIST's training set holds 60,000", means="0: all"),
     "train.micro_batch": Bounds(0, MNIST_TRAIN, MEMORY, means="0: no limit"),
-    "train.max_failures": Bounds(0, 1_000),
     "train.epoch_fld_samples": Bounds(0, 10_000, "each epoch's score draws these between epochs", means="0: off"),
     "classifier.epochs": Bounds(1, 1_000),
     "classifier.batch_size": Bounds(1, MNIST_TRAIN, "no more images than MNIST's training set"),
@@ -110,18 +108,20 @@ BOUNDS: dict[str, Bounds] = {
                                      means="0: unconditional, 1: conditional, > 1: guided"),
     "sample.batch_size": Bounds(1, 20_000, MEMORY),
     "sample.seed": SEED,
-    "sample.num_actors": Bounds(1, 1_024),
     "sample.animation_images": Bounds(1, 256, "the animation is a grid of these"),
     "sample.compare_samples": Bounds(1, 1_000_000, "a million images take hours on a GPU, days on a CPU"),
     "eval.batch_size": Bounds(1, 20_000, MEMORY),
     "eval.max_reference_images": Bounds(0, 10_000, "MNIST's test set holds 10,000"),
+    "cluster.workers": Bounds(1, 1_024),
+    "cluster.max_failures": Bounds(0, 1_000),
+    "cluster.sample_actors": Bounds(1, 1_024),
 }
 # Every str key with a fixed set of values (the free-form ones, paths, URIs and specs, are parsed in `validate`).
 CHOICES: dict[str, tuple[str, ...]] = {
     "unet.block": BLOCKS, "unet.init": INITS, "diffusion.schedule": SCHEDULES, "diffusion.loss": LOSSES,
-    "train.lr_schedule": LR_SCHEDULES, "train.device": DEVICES, "train.use_gpu": ("auto", "true", "false"),
-    "train.compile": COMPILE_MODES, "train.epoch_fld_where": SCORING_PLACES, "train.export": EXPORTS,
-    "sample.sampler": SAMPLERS, "sample.noise": NOISES, "sample.compile": COMPILE_MODES,
+    "train.lr_schedule": LR_SCHEDULES, "train.device": DEVICES, "train.compile": COMPILE_MODES,
+    "train.export": EXPORTS, "sample.sampler": SAMPLERS, "sample.noise": NOISES, "sample.compile": COMPILE_MODES,
+    "cluster.epoch_scoring": SCORING_PLACES,
 }
 
 
@@ -189,10 +189,10 @@ def validate(cfg: Config) -> None:
                                      "(MNIST's digits)")
     _check(d.beta_start < d.beta_end,
            f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} need beta_start < beta_end")
-    _, most = worker_range(t)
+    _, most = worker_range(cfg.cluster)
     _check(t.batch_size >= most,
            f"train.batch_size={t.batch_size} is the global batch, split across up to {most} workers "
-           f"(train.num_workers={t.num_workers!r}): it needs at least one image per worker")
+           f"(cluster.workers={_show(cfg.cluster.workers)}): it needs at least one image per worker")
     _check(not t.max_train_images or t.batch_size <= t.max_train_images,
            f"train.batch_size={t.batch_size} is larger than train.max_train_images={t.max_train_images}: an "
            "epoch would hold no batch; lower the batch or raise the images")
@@ -209,26 +209,8 @@ def validate(cfg: Config) -> None:
     compare_sets(cfg)
 
 
-def worker_range(t: TrainConfig) -> tuple[int, int]:
-    """`train.num_workers` as (fewest, most): "2" -> (2, 2), "1-4" -> (1, 4)."""
-    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(t.num_workers))
-    _check(found is not None, f"train.num_workers={t.num_workers!r}: write a count (2) or an elastic range "
-                              "MIN-MAX (1-4)")
-    low, high = int(found[1]), int(found[2] or found[1])
-    _check(1 <= low <= high, f"train.num_workers={t.num_workers!r}: need 1 <= MIN <= MAX")
+def worker_range(c: ClusterConfig) -> tuple[int, int]:
+    """`cluster.workers` as (fewest, most), checked: (2, 2) is two workers, (1, 4) elastic from one to four."""
+    low, high = c.workers
+    _check(1 <= low <= high, f"cluster.workers={_show(c.workers)}: need 1 <= MIN <= MAX")
     return low, high
-
-
-def env_seconds(variable: str, default: float, high: float) -> float:
-    """A wait read from the environment ($DDPM_CONNECT_TIMEOUT_S, $DDPM_LOCK_WAIT_S): unset is `default`; a value
-    that is not a number of seconds in (0, high] is bad input like any config value."""
-    text = os.environ.get(variable, "")
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= high:
-        raise UserError(f"{variable}={text!r} must be a number of seconds in (0, {high:g}]")
-    return value

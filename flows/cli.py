@@ -68,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("train-classifier", help="train the LeNet-5 evaluator"))
     p = sub.add_parser("train", help="train the U-Net (Ray Train with --workers N > 1)")
     _common(p)
-    p.add_argument("--workers", help="Ray Train workers (train.num_workers): N, or MIN-MAX to train elastically")
+    p.add_argument("--workers", help="Ray Train workers (cluster.workers): N, or MIN-MAX to train elastically")
     p.add_argument("--verbose", action="store_true", help="show Ray Train's own INFO lines too")
     p = sub.add_parser("sample", help="generate images (Ray actors with --workers N > 1)")
     _common(p)
-    p.add_argument("--workers", type=int, help="Ray sampling actors (sample.num_actors)")
+    p.add_argument("--workers", type=int, help="Ray sampling actors (cluster.sample_actors)")
     p.add_argument("--digit", type=int, help="conditional models: write R/digit_<D>.png, a grid of digit D only")
     p.add_argument("--count", type=int, default=64, help="images in the --digit grid (default 64)")
     _common(sub.add_parser("evaluate", help="FLD, class-mean distances, label histogram -> evaluation.json"))
@@ -151,7 +151,7 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> Config:
         overrides["data.mirror"] = args.mirror
     workers, flags = getattr(args, "workers", None), {}
     if workers is not None:
-        key = "train.num_workers" if args.command == "train" else "sample.num_actors"
+        key = "cluster.workers" if args.command == "train" else "cluster.sample_actors"
         overrides[key], flags[key] = workers, "--workers"
     paths = RunPaths(run_dir) if run_dir is not None else None
     base = read_config(paths) if paths is not None else None
@@ -184,7 +184,7 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
         result: object = {"counts": stages.prepare_data(cfg, paths, progress=progress)["counts"]}
     elif command == "train-classifier":
         result = stages.train_classifier(cfg, paths, progress=progress)
-    elif command == "train" and worker_range(cfg.train)[1] > 1:
+    elif command == "train" and worker_range(cfg.cluster)[1] > 1:
         from flows.distributed import train_with_ray
 
         result = train_with_ray(cfg, paths, progress=progress, verbose=verbose)[-1]
@@ -192,7 +192,7 @@ def run_stage(command: str, cfg: Config, run_dir: Path, progress: bool,
         result = stages.train_unet(cfg, paths, progress=progress)[-1]
     elif command == "sample" and args_digit is not None:
         result = str(stages.sample_digit(cfg, paths, args_digit[0], args_digit[1]))
-    elif command == "sample" and cfg.sample.num_actors > 1:
+    elif command == "sample" and cfg.cluster.sample_actors > 1:
         from flows.distributed import sample_with_ray
 
         result = str(sample_with_ray(cfg, paths, progress=progress))

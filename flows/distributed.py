@@ -119,9 +119,7 @@ def cpu_share(processes: int) -> int:
 
 
 def _use_gpu(cfg: Config) -> bool:
-    if cfg.train.use_gpu == "auto":
-        return cluster_gpus() > 0
-    return cfg.train.use_gpu == "true"
+    return cluster_gpus() > 0 if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
 
 
 def _events_path(storage: Path, name: str) -> Path:
@@ -331,28 +329,28 @@ def ray_run_name(paths: RunPaths) -> str:
 
 
 def trains_in_process(cfg: Config) -> bool:
-    """Whether the flow trains in its own process rather than on Ray Train: one worker (`train.num_workers=1`)
+    """Whether the flow trains in its own process rather than on Ray Train: one worker (`cluster.workers=1`)
     on a local Ray. Ray Train earns its keep across processes and nodes; one local worker only pays for it: the
     same loop ran 15-20% slower in a Ray Train worker than in-process on the 2-core machine (bench/orchestration.py,
     docs/performance.md). On a cluster ($RAY_ADDRESS) training always goes to Ray Train, which puts it on the
     cluster's GPU nodes rather than wherever the flow's driver runs."""
-    return worker_range(cfg.train) == (1, 1) and not os.environ.get("RAY_ADDRESS")
+    return worker_range(cfg.cluster) == (1, 1) and not os.environ.get("RAY_ADDRESS")
 
 
 def scoring_in_tasks(cfg: Config, use_gpu: bool) -> bool:
     """Whether Ray Train's validation tasks score the epochs beside training, or rank 0 scores each between
-    epochs, as in-process training does (`train.epoch_fld_where`). Beside training pays only where the scoring
+    epochs, as in-process training does (`cluster.epoch_scoring`). Beside training pays only where the scoring
     has cores of its own: on GPU workers it takes the node's idle CPUs. On a CPU node the workers hold every core,
     and a scoring thread beside them made the 2-core machine train at a third of its speed (bench/orchestration.py,
     docs/performance.md), so there the worker scores in line, with all its threads."""
-    where = cfg.train.epoch_fld_where
+    where = cfg.cluster.epoch_scoring
     return where == "task" or (where == "auto" and use_gpu)
 
 
 def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
                    tracking: dict[str, str] | None = None,
                    log=None, verbose: bool = False) -> list[dict[str, Any]]:
-    """`fit` on `train.num_workers` Ray Train workers; resumes from the run folder like the in-process path.
+    """`fit` on `cluster.workers` Ray Train workers; resumes from the run folder like the in-process path.
 
     `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
     With `progress` the driver shows the training as in-process training does (a bar over optimizer steps, a
@@ -376,7 +374,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     name = ray_run_name(paths)
     events = str(_events_path(storage, name))
     use_gpu = _use_gpu(cfg)
-    fewest, most = worker_range(cfg.train)
+    fewest, most = worker_range(cfg.cluster)
     backend, per_worker = None, None  # Ray Train's defaults: gloo and one CPU a worker
     if use_gpu:
         backend = "nccl" if cuda_on_gpu_workers(TRAIN_STAGE, fewest, log) else "gloo"
@@ -386,7 +384,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     if in_tasks:
         # No CPU reserved: the workers hold the node's CPUs, and a task waiting for one would score every epoch
         # only once training ends. On a GPU node it takes half the node's cores; forced onto a CPU node
-        # (train.epoch_fld_where=task), one thread.
+        # (cluster.epoch_scoring=task), one thread.
         threads = cpu_share(2) if use_gpu else 1
         kwargs = {"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
                   "threads": threads, "tracking": tracking}
@@ -402,7 +400,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
                                      resources_per_worker=per_worker),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures,
                                                           controller_failure_limit=start_retries()),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         validation_config=validation,
@@ -410,7 +408,7 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     if progress:
         scoring = ("in Ray Train validation tasks" if in_tasks else "by rank 0 between epochs") \
             if cfg.train.epoch_fld_samples else "off"
-        line = (f"Ray Train: {cfg.train.num_workers} workers{' (elastic)' if fewest < most else ''} "
+        line = (f"Ray Train: {cfg.cluster.workers_text} workers{' (elastic)' if fewest < most else ''} "
                 f"({'GPU' if use_gpu else 'CPU'}), run {name}, epoch scoring {scoring}; Ray's state in {storage}")
         (log or print)(line)
     attempt = len(read_events(storage, name))
@@ -497,7 +495,7 @@ def placed_actors(actors: list, stage: str, log=None) -> list:
 
 def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> Path:
     """The sampling stage with its shards computed by Ray actors: on a cluster with GPUs one per GPU worker share
-    free (`flows.gpu_share`), else `sample.num_actors`.
+    free (`flows.gpu_share`), else `cluster.sample_actors`.
 
     Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
 
@@ -513,7 +511,7 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
             n = max(1, min(free_gpu_slots(), len(shards)))
             resources = {"num_gpus": WORKER_GPU_SHARE, "num_cpus": 1}
         else:
-            n, resources = cfg.sample.num_actors, {"num_cpus": 1}
+            n, resources = cfg.cluster.sample_actors, {"num_cpus": 1}
         counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
         actor_cls = ray.remote(**resources)(SamplerActor)
         actors = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
@@ -531,4 +529,4 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
             ray.kill(actor)
 
     # Several shards per actor (finer progress, load balance); how many never changes the images.
-    return stages.sample(cfg, paths, progress=progress, run_shards=run_shards, parallelism=cfg.sample.num_actors)
+    return stages.sample(cfg, paths, progress=progress, run_shards=run_shards, parallelism=cfg.cluster.sample_actors)

@@ -17,8 +17,8 @@ import math
 from collections import Counter
 from collections.abc import Callable
 
+from ddpm.env import env_seconds
 from ddpm.errors import UserError
-from ddpm.schema import env_seconds
 
 SERVICE_GPU_SHARE = 0.25  # a served U-Net draws a grid in milliseconds: a quarter of a GPU's time is plenty
 WORKER_GPU_SHARE = 1.0 - SERVICE_GPU_SHARE

@@ -138,10 +138,10 @@ def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: boo
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
-                                "num_workers": cfg.train.num_workers})  # "N", or "MIN-MAX" (elastic)
+                                "num_workers": cfg.cluster.workers_text})  # "N", or "MIN-MAX" (elastic)
         log = get_run_logger().info
         if trains_in_process(cfg):
-            log("U-Net: training in this process (one local worker: train.num_workers=1 without RAY_ADDRESS)")
+            log("U-Net: training in this process (one local worker: cluster.workers=1 without RAY_ADDRESS)")
 
             def live(metrics, fld) -> None:
                 values = epoch_metrics_for_tracking(metrics)

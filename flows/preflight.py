@@ -14,9 +14,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from ddpm.env import env_seconds
 from ddpm.errors import UserError
 from ddpm.pipeline.locks import lock_wait_s
-from ddpm.schema import env_seconds
 
 TIMEOUT_VARIABLE = "DDPM_CONNECT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 5.0

@@ -58,7 +58,7 @@ from ddpm.pipeline.run_folder import RunPaths, read_config
 from flows.distributed import shutdown_ray, train_with_ray
 
 paths = RunPaths(Path(sys.argv[1]))
-cfg = load_config(None, None, {"train.use_gpu": sys.argv[2]}, base=read_config(paths))
+cfg = load_config(None, None, {"cluster.use_gpu": sys.argv[2]}, base=read_config(paths))
 print("Ray Train epochs:", [(h["epoch"], round(h["fld"], 2)) for h in train_with_ray(cfg, paths, progress=False)])
 shutdown_ray()
 PYTHON

@@ -14,6 +14,8 @@ import os
 import platform
 from pathlib import Path
 
+from ddpm.config import config_from_dict  # reads the keys of older runs too (RENAMED_KEYS)
+
 
 def collect(run: Path, command: str) -> dict:
     config = json.loads((run / "config.json").read_text())
@@ -27,7 +29,8 @@ def collect(run: Path, command: str) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "profile": config["profile"],
         "recipe": {"epochs": history[-1]["epoch"], "steps": history[-1]["step"],
-                   "batch_size": config["train"]["batch_size"], "workers": config["train"]["num_workers"],
+                   "batch_size": config["train"]["batch_size"],
+                   "workers": config_from_dict(config).cluster.workers_text,
                    "conditional": config["unet"]["num_classes"] > 0},
         "training_seconds": sum(h["seconds"] for h in history),
         # Sample quality per epoch (ddpm.pipeline.epoch_fld) and the epoch that became the model.

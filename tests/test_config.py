@@ -33,7 +33,7 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("train.bf16", "maybe", "train.bf16='maybe' is not a valid bool"),
     ("train.lr", "0", "train.lr=0.0 must be > 0"),
     ("train.batch_size", "0", "train.batch_size=0 must be >= 1"),
-    ("sample.num_actors", "0", "sample.num_actors=0 must be >= 1"),
+    ("cluster.sample_actors", "0", "cluster.sample_actors=0 must be >= 1"),
     ("sample.steps", "21", "sample.steps=21 must be in [1, diffusion.timesteps=20]"),
     ("sample.compare", "ddim:5,euler", "sample.compare entry 'euler': sampler 'euler' is not one of"),
     ("sample.compare", "ddpm:50", "sample.compare entry 'ddpm:50': ddpm takes all diffusion.timesteps steps"),
@@ -45,7 +45,10 @@ def test_overrides_are_coerced_to_the_declared_type(key, text, expected):
     ("train.lr_schedule", "step", "train.lr_schedule='step': use one of constant, cosine, linear"),
     ("train.warmup_steps", "-1", "train.warmup_steps=-1 must be >= 0"),
     ("train.snr_gamma", "-5", "train.snr_gamma=-5.0 must be >= 0"),
-    ("train.epoch_fld_where", "driver", "train.epoch_fld_where='driver': use one of auto, task, worker"),
+    ("cluster.epoch_scoring", "driver", "cluster.epoch_scoring='driver': use one of auto, task, worker"),
+    ("cluster.use_gpu", "maybe", "cluster.use_gpu='maybe': use true, false or auto"),
+    ("cluster.workers", "1-x", "cluster.workers='1-x': write a count (2), or a range MIN-MAX"),
+    ("cluster.workers", "[3, 2]", "cluster.workers=(3, 2): need 1 <= MIN <= MAX"),
 ])
 def test_each_wrong_value_is_named_alone(key, text, message):
     with pytest.raises(ConfigError) as err:
@@ -132,7 +135,7 @@ def test_profiles_say_what_they_are():
     for name in ("cpu", "gpu", "original"):  # every real profile makes the pipeline's 10,000 samples
         assert load_config(name).sample.num_samples == 10_000
     cpu = load_config("cpu")
-    assert (cpu.train.num_workers, cpu.sample.num_actors, cpu.sample.sampler) == ("1", 1, "dpm++2m-sde")
+    assert (cpu.cluster.workers, cpu.cluster.sample_actors, cpu.sample.sampler) == ((1, 1), 1, "dpm++2m-sde")
     assert (original.train.export, cpu.train.export) == ("last", "best")  # the original keeps its last epoch
     assert cpu.sample.steps <= 25  # the fast sampler's promise
     gpu = load_config("gpu")  # the fast path on a GPU; the CPU keeps what measured fastest there
@@ -158,3 +161,53 @@ def test_the_old_steps_key_is_still_read(tmp_path):
     assert config_from_dict(saved).sample.steps == load_config("smoke").sample.steps - 1
     with pytest.raises(ConfigError, match=r"sample.steps=21 must be in \[1, diffusion.timesteps=20\]"):
         load_config("smoke", overrides={"sample.ddim_steps": "21"})
+
+
+@pytest.mark.parametrize("text, workers", [("2", (2, 2)), ("1-4", (1, 4)), ("[1, 4]", (1, 4)), ("(2, 3)", (2, 3))])
+def test_workers_are_a_pair_written_as_a_count_or_a_range(text, workers):
+    assert load_config("smoke", overrides={"cluster.workers": text}).cluster.workers == workers
+
+
+@pytest.mark.parametrize("text, use_gpu", [("true", True), ("false", False), ("auto", None), ("", None)])
+def test_use_gpu_is_a_bool_or_auto(text, use_gpu):
+    assert load_config("smoke", overrides={"cluster.use_gpu": text}).cluster.use_gpu is use_gpu
+
+
+def test_the_cluster_section_is_written_by_hand_in_toml(tmp_path):
+    (tmp_path / "c.toml").write_text("[cluster]\nworkers = [1, 4]\nuse_gpu = true\nepoch_scoring = \"task\"\n")
+    cluster = load_config("smoke", config_file=tmp_path / "c.toml").cluster
+    assert (cluster.workers, cluster.use_gpu, cluster.epoch_scoring) == ((1, 4), True, "task")
+    (tmp_path / "n.toml").write_text("[cluster]\nworkers = 2\n")
+    assert load_config("smoke", config_file=tmp_path / "n.toml").cluster.workers == (2, 2)
+
+
+def test_the_old_orchestration_keys_are_still_read(tmp_path):
+    """train.num_workers, use_gpu, max_failures, epoch_fld_where and sample.num_actors moved to `cluster`: --set,
+    config files and their old values ("1-4", "auto"/"true"/"false") still work."""
+    old = {"train.num_workers": "1-2", "train.use_gpu": "true", "train.max_failures": "5",
+           "train.epoch_fld_where": "worker", "sample.num_actors": "3"}
+    cluster = load_config("smoke", overrides=old).cluster
+    assert (cluster.workers, cluster.use_gpu, cluster.max_failures, cluster.epoch_scoring, cluster.sample_actors) \
+        == ((1, 2), True, 5, "worker", 3)
+    (tmp_path / "old.toml").write_text('[train]\nnum_workers = "2"\nuse_gpu = "auto"\n')
+    cluster = load_config("smoke", config_file=tmp_path / "old.toml").cluster
+    assert (cluster.workers, cluster.use_gpu) == ((2, 2), None)
+    with pytest.raises(ConfigError, match=r"cluster.workers=\(3, 2\): need 1 <= MIN <= MAX"):
+        load_config("smoke", overrides={"train.num_workers": "3-2"})
+
+
+def test_a_run_folder_saved_before_the_cluster_section_loads(tmp_path):
+    """tests/data/config_before_cluster.json is a smoke config.json as Config.to_json wrote it before the move (with
+    train.num_workers="1-2", use_gpu="false", max_failures=3, epoch_fld_where="task", sample.num_actors=2): a run
+    folder or checkpoint holding it loads with the same settings, and everything else as the smoke profile."""
+    import shutil
+    from pathlib import Path
+
+    from ddpm.pipeline.run_folder import RunPaths, read_config
+
+    shutil.copy(Path(__file__).parent / "data" / "config_before_cluster.json", tmp_path / "config.json")
+    cfg = read_config(RunPaths(tmp_path))
+    assert (cfg.cluster.workers, cfg.cluster.use_gpu, cfg.cluster.max_failures, cfg.cluster.epoch_scoring,
+            cfg.cluster.sample_actors) == ((1, 2), False, 3, "task", 2)
+    smoke = load_config("smoke")
+    assert (cfg.unet, cfg.diffusion, cfg.train, cfg.sample) == (smoke.unet, smoke.diffusion, smoke.train, smoke.sample)

@@ -19,7 +19,7 @@ from ddpm.pipeline.run_folder import RunPaths
 
 def test_continued_config_keeps_the_parents_recipe_and_takes_only_local_keys_from_here():
     parent = load_config("smoke", overrides={"train.lr": "0.002", "sample.steps": "7", "data.mirror": "/elsewhere",
-                                             "runs_dir": "/old/runs", "train.num_workers": "2"})
+                                             "runs_dir": "/old/runs", "cluster.workers": "2"})
     here = load_config("cpu", overrides={"data.mirror": "/here", "runs_dir": "/new/runs"})
     cfg = continued_config(parent, 2, here, None, {"sample.seed": "9"}, more_epochs=3)
     assert cfg.train.epochs == 5  # the parent's 2, then 3 more
@@ -27,7 +27,7 @@ def test_continued_config_keeps_the_parents_recipe_and_takes_only_local_keys_fro
         (parent.profile, parent.unet, parent.diffusion, 0.002, 7)  # what it learns and how it is scored
     flat, local = cfg.flat(), here.flat()
     assert all(flat[key] == local[key] for key in LOCAL_KEYS)  # where it runs
-    assert cfg.data.mirror == "/here" and cfg.runs_dir == "/new/runs" and cfg.train.num_workers == "1"
+    assert cfg.data.mirror == "/here" and cfg.runs_dir == "/new/runs" and cfg.cluster.workers == (1, 1)
     assert cfg.sample.seed == 9  # an explicit override still applies
 
 

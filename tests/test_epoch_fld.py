@@ -73,7 +73,7 @@ def _gradient(rank: int, world: int, port: int, micro: int, out: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config("smoke", overrides={"train.batch_size": 33, "train.micro_batch": micro, "train.grad_clip": 0,
-                                          "train.num_workers": str(world)})
+                                          "cluster.workers": str(world)})
     trainer = DiffusionTrainer(cfg, torch.device("cpu"), rank=rank, world_size=world)
     with torch.no_grad():  # the same nudge on every rank: the zeroed output convolution would pass no gradient
         noise = torch.Generator().manual_seed(7)

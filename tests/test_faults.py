@@ -51,9 +51,9 @@ def test_two_pipelines_at_once_share_a_runs_folder(tmp_path, mirror):
     Each finishes in its own run folder; the cache is prepared once; no Ray reaches into the other's cluster;
     a third on a run folder in use is refused."""
     runs = tmp_path / "runs"
-    first = pipeline(runs / "one", mirror, "--set", "train.num_workers=2")
+    first = pipeline(runs / "one", mirror, "--set", "cluster.workers=2")
     time.sleep(1)
-    second = pipeline(runs / "two", mirror, "--set", "train.num_workers=2")
+    second = pipeline(runs / "two", mirror, "--set", "cluster.workers=2")
 
     # A third on a run name in use would overwrite the first's checkpoints: refused at once, naming the holder.
     lock = runs / ".one.lock"
@@ -169,7 +169,7 @@ def test_mlflow_going_away_mid_run_loses_nothing(tmp_path, mirror, mlflow_server
 
 
 def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror, make_run):
-    """`train.num_workers=1-2` on a two-node Ray cluster (two raylets on this machine, one CPU each): the flow
+    """`cluster.workers=1-2` on a two-node Ray cluster (two raylets on this machine, one CPU each): the flow
     starts Ray Train with 2 workers; the node of one of them is removed during epoch 2; training goes on with 1
     worker from the last checkpoint and takes the same optimizer steps as an uninterrupted run. Every epoch's FLD
     reaches MLflow, and the exported model is the epoch that curve says is best."""
@@ -180,7 +180,7 @@ def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror
     from ddpm.pipeline.stages import RunPaths, train_unet
     from flows.distributed import ray_run_name, read_events
 
-    settings = {"train.epochs": "3", "train.max_train_images": "1024", "train.num_workers": "1-2"}
+    settings = {"train.epochs": "3", "train.max_train_images": "1024", "cluster.workers": "1-2"}
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -210,7 +210,7 @@ def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror
 
     # The same optimizer steps, epoch by epoch, as one uninterrupted worker on the same config.
     straight = RunPaths(make_run(tmp_path / "straight"))
-    cfg = load_config("smoke", overrides={**settings, "train.num_workers": "1"})
+    cfg = load_config("smoke", overrides={**settings, "cluster.workers": "1"})
     assert [h["step"] for h in train_unet(cfg, straight, progress=False)] == [h["step"] for h in history]
     assert history[-1]["step"] == 3 * (1024 // 32)
 

@@ -157,7 +157,7 @@ def test_the_smoke_flow_completes_beside_the_service_on_two_logical_gpus(runs, m
         before = health(port)["version"]
         flow = subprocess.run(
             [str(BIN / "ddpm"), "pipeline", "--profile", "smoke", "--mirror", str(mirror),
-             "--out", str(runs / f"gpus{gpus}"), "--set", f"train.num_workers={gpus}", "--guidance", "2",
+             "--out", str(runs / f"gpus{gpus}"), "--set", f"cluster.workers={gpus}", "--guidance", "2",
              "--set", "train.epochs=1", "--set", "sample.num_samples=40", "--set", "sample.batch_size=8"],
             env={**cluster.env, "MLFLOW_TRACKING_URI": uri, "DDPM_RESOURCE_WAIT_S": "120"}, cwd=REPO,
             capture_output=True, text=True, timeout=780)
@@ -178,7 +178,7 @@ def test_the_smoke_flow_completes_beside_the_service_on_two_logical_gpus(runs, m
 
         run = runs / f"gpus{gpus}"
         _, trained = load_model(run / "unet" / "model.pt")
-        assert trained.unet.num_classes == 10 and trained.train.num_workers == "2"
+        assert trained.unet.num_classes == 10 and trained.cluster.workers == (2, 2)
         _, labels = read_samples(run / "samples" / "samples.parquet")
         assert np.abs(np.bincount(labels, minlength=10) - 40 * np.array(trained.unet.label_shares)).max() <= 2
         evaluation = json.loads((run / "evaluation.json").read_text())

@@ -38,7 +38,7 @@ def ray_local():
 
 
 def smoke(**overrides):
-    return load_config("smoke", overrides={"train.num_workers": 2, **overrides})
+    return load_config("smoke", overrides={"cluster.workers": 2, **overrides})
 
 
 def epoch_events(paths: RunPaths):
@@ -61,7 +61,7 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     from flows.distributed import ray_run_name, read_events, train_with_ray
 
     paths = RunPaths(smoke_run)
-    history = train_with_ray(smoke(**{"train.epochs": 2, "train.epoch_fld_where": "task"}), paths, progress=False)
+    history = train_with_ray(smoke(**{"train.epochs": 2, "cluster.epoch_scoring": "task"}), paths, progress=False)
     assert [h["epoch"] for h in history] == [1, 2]
     assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
@@ -73,7 +73,8 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
 
     # Same run folder, one more epoch, from the command line with an elastic range (`ddpm train --workers 1-2`
     # joins the running cluster through $RAY_ADDRESS, where both workers fit, and leaves it running): continues
-    # at epoch 3 from the epoch-2 checkpoint. On CPU workers rank 0 scores the epoch itself (epoch_fld_where=auto).
+    # at epoch 3 from the epoch-2 checkpoint. On CPU workers rank 0 scores the epoch itself
+    # (cluster.epoch_scoring=auto).
     done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run),
                            "--profile", "smoke", "--workers", "1-2", "--set", "train.epochs=3"],
                           capture_output=True, text=True,
@@ -86,7 +87,7 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     assert "train U-Net" in done.stderr and "img/s" in done.stderr
     assert "epoch 3/3: train loss" in done.stderr and "epoch 3: FLD" in done.stderr
     assert "Checkpoint successfully created" not in done.stdout + done.stderr
-    assert json.loads(paths.config.read_text())["train"]["num_workers"] == "1-2"
+    assert json.loads(paths.config.read_text())["cluster"]["workers"] == [1, 2]
     assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
     history = json.loads(paths.history.read_text())
     assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2), (3, 2)]
@@ -143,7 +144,7 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
         return RunPaths(make_run(tmp_path / name))
 
     def cfg(epochs, workers):
-        return smoke(**{"train.epochs": epochs, "train.num_workers": workers, "train.max_train_images": 64,
+        return smoke(**{"train.epochs": epochs, "cluster.workers": workers, "train.max_train_images": 64,
                         "train.max_val_images": 32})
 
     mixed, plain = folder("mixed"), folder("plain")
@@ -185,7 +186,7 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     train_unet(load_config("smoke", overrides={"train.epochs": 1}), paths, progress=False)
     results, compared = {}, {}
     for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
-        cfg = load_config("smoke", overrides={"sample.num_actors": max(actors, 1), "sample.num_samples": 40,
+        cfg = load_config("smoke", overrides={"cluster.sample_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
         sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
         results[actors] = read_samples(paths.samples)

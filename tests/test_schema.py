@@ -19,7 +19,7 @@ from ddpm.schema import BOUNDS, CHOICES
 from flows.cli import main
 
 # str keys without a fixed set of values, each checked by its own parser in `validate`.
-FREE_FORM = {"profile", "runs_dir", "data.mirror", "data.download_dir", "train.num_workers",
+FREE_FORM = {"profile", "runs_dir", "data.mirror", "data.download_dir",
              "train.epoch_fld_sampler", "sample.compare", "tracking.mlflow_uri", "tracking.experiment"}
 COMMANDS = ("data", "train-classifier", "train", "sample", "evaluate", "pipeline")
 
@@ -35,6 +35,8 @@ def schema() -> list[tuple[str, typing.Any]]:
                 continue
             if typing.get_origin(kind) is tuple:
                 kind = typing.get_args(kind)[0]
+            if typing.get_origin(kind) is typing.Literal:  # a str key whose choices its type names
+                kind = str
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             yield f"{prefix}{f.name}", args[0] if typing.get_origin(kind) is not None and args else kind
     return list(walk(Config, ""))
@@ -63,7 +65,8 @@ def bad_values(key: str, kind: type) -> list[str]:
 
 
 CASES = [(key, value) for key, kind in schema() if key in BOUNDS for value in bad_values(key, kind)] + \
-    [(key, "bogus") for key in CHOICES] + [("train.num_workers", v) for v in ("0", "3-2", "x")] + \
+    [(key, "bogus") for key in CHOICES] + [("cluster.workers", v) for v in ("0", "3-2", "x")] + \
+    [("cluster.use_gpu", "bogus")] + \
     [("train.epoch_fld_sampler", v) for v in ("euler", "ddpm:5", "ddim@-1")]
 
 
@@ -108,12 +111,12 @@ def test_every_command_refuses_it_in_one_line_and_changes_nothing(index, key, va
     assert not new.exists() and snapshot(existing_run) == before
 
 
-FLAGS = [("pipeline", "--guidance", "sample.guidance_scale"), ("sample", "--workers", "sample.num_actors")]
+FLAGS = [("pipeline", "--guidance", "sample.guidance_scale"), ("sample", "--workers", "cluster.sample_actors")]
 
 
 @pytest.mark.parametrize("command, flag, key, value",
                          [(c, f, k, v) for c, f, k in FLAGS for v in bad_values(k, dict(schema())[k])] +
-                         [("train", "--workers", "train.num_workers", v) for v in ("0", "2-1", "x")] +
+                         [("train", "--workers", "cluster.workers", v) for v in ("0", "2-1", "x")] +
                          [("sample", "--count", None, v) for v in ("x",)])
 def test_flags_are_checked_as_the_keys_they_set(command, flag, key, value, tmp_path, capsys):
     """A flag's bad value (out of its key's bounds, or not even of its type) is one line naming the flag."""

@@ -1,6 +1,7 @@
 """Work shared between runs: the flow's `<runs>/cache/` holds prepared datasets and trained evaluators, keyed by
 everything that shapes them, so runs with the same data and classifier config prepare each once and their FLDs
-stay comparable (they share the evaluator)."""
+stay comparable (they share the evaluator). Where work runs (the config's `cluster` section) shapes neither, so
+no key holds it: a run on more workers reuses what a run on one prepared."""
 
 from __future__ import annotations
 

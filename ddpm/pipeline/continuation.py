@@ -13,18 +13,19 @@ parent was; only where the run happens (`LOCAL_KEYS`) comes from here, and expli
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 from pathlib import Path
 from typing import Any
 
 from ddpm.checkpoints import TRAINING_STATE, checkpoint_config, copy_file, load_checkpoint, write_json
-from ddpm.config import Config, ConfigError, load_config, read_config_file, with_trained
+from ddpm.config import ClusterConfig, Config, ConfigError, load_config, read_config_file, with_trained
 from ddpm.pipeline.run_folder import RunPaths, read_json
 
 # Where and on what a run happens, not what it learns or how it is scored: taken from this machine's config,
 # not from the parent's (which may have run on another machine, with other services and hardware).
-LOCAL_KEYS = ("runs_dir", "data.mirror", "data.download_dir", "train.device", "train.num_workers",
-              "train.use_gpu", "train.max_failures", "train.epoch_fld_where", "sample.num_actors",
+LOCAL_KEYS = ("runs_dir", "data.mirror", "data.download_dir", "train.device",
+              *(f"cluster.{f.name}" for f in dataclasses.fields(ClusterConfig)),
               "tracking.mlflow_uri", "tracking.experiment", "tracking.register_models")
 
 

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ddpm.env import env_seconds
 from ddpm.errors import UserError
-from ddpm.schema import env_seconds
 
 WAIT_VARIABLE = "DDPM_LOCK_WAIT_S"
 # Long enough for another run to prepare the data and train LeNet on the slowest profile; a holder that keeps a

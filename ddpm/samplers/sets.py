@@ -63,4 +63,4 @@ def epoch_fld_config(cfg: Config) -> Config:
         spec = dataclasses.replace(spec, guidance=1.0)
     _, sample = sampler_spec(cfg, spec, key)
     return dataclasses.replace(cfg, sample=dataclasses.replace(
-        sample, num_samples=max(cfg.train.epoch_fld_samples, 1), bf16=False, num_actors=1))
+        sample, num_samples=max(cfg.train.epoch_fld_samples, 1), bf16=False))
