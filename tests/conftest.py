@@ -1,9 +1,9 @@
 """Shared fixtures: MNIST is prepared once per session from the local mirror; runs use the `smoke` profile.
 
-Two tiers: a test that starts a server, a Ray cluster or the pipeline is marked `system`: by its module's
-`pytestmark`, its own mark, or a fixture of SYSTEM_FIXTURES that it uses. `make test-quick` runs the rest, the
-unit tier, and there the guard below fails any test that would start one anyway, so the tier's promise is
-checked, not assumed.
+Two tiers. A test is marked `system` when it starts a server, a Ray cluster or the pipeline (by its module's
+`pytestmark`, its own mark, or a fixture of SYSTEM_FIXTURES that it uses), or runs a stage end to end, seconds
+of training or sampling. `make test-quick` runs the rest, the unit tier, in under 2 minutes; there the guard
+below fails any test that would start a service anyway, so that part of the tier's promise is checked.
 """
 
 from __future__ import annotations

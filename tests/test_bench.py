@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.system  # each bench runs whole stages, some the pipeline or the service
 
 
 def test_tiny_bench_writes_every_column(tmp_path):

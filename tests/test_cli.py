@@ -24,12 +24,14 @@ def test_model_summary_prints_reference_parameter_counts():
     assert "mid_attn" in result.stdout  # the middle self-attention layer is listed
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_model_summary_follows_overrides():
     result = ddpm("model-summary", "--profile", "gpu", "--set", "unet.channel_multipliers=1,2")
     assert result.returncode == 0, result.stderr
     assert "403,409" not in result.stdout
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_stages_one_by_one_make_a_whole_run(tmp_path, mirror):
     run = tmp_path / "run"
     for stage in (["data", "--profile", "smoke", "--mirror", str(mirror)], ["train-classifier"], ["train"],
@@ -187,6 +189,7 @@ def test_library_imports_no_orchestration_packages():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_guidance_end_to_end_with_a_digit_grid(smoke_run, make_run, capsys):
     """A conditional U-Net trained with label dropout samples its digits in the training split's shares with
     guidance, and one digit on request; an unconditional one refuses --digit."""

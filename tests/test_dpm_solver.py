@@ -137,6 +137,7 @@ def wasserstein1_to_mixture(x: torch.Tensor, m: float, s: float) -> float:
     return torch.trapezoid((ecdf - cdf).abs(), grid).item()
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_mixture_oracle_25_steps_match_100_step_ddpm():
     """Quality: two-mode pixel data with the exact denoiser; 25 DPM-Solver++ steps give samples at least as close
     to the data distribution (1-Wasserstein) as 100 DDPM steps, and closer than 25 DDIM steps."""
@@ -280,6 +281,7 @@ class UNetDenoiser(nn.Module):
         return (x - a * torch.tanh(self.unet(x, t, labels))) / s
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers calls np.array on a tensor
 @pytest.mark.parametrize("steps", [5, 10, 25])
 def test_matches_diffusers(steps):
@@ -311,6 +313,7 @@ def test_matches_diffusers(steps):
     assert (ddim - x.double()).abs().max() > 10 * 3e-4  # sanity: the tolerance tells first from second order
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers calls np.array on a tensor
 @pytest.mark.parametrize("steps", [10, 25])
 def test_sde_variant_matches_diffusers_with_the_same_noise(steps):

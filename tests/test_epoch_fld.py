@@ -22,6 +22,7 @@ def smoke(**overrides):
     return load_config("smoke", overrides={"train.epochs": 3, **overrides})
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_every_epoch_is_scored_and_the_best_becomes_the_model(smoke_run):
     paths = RunPaths(smoke_run)
     history = train_unet(smoke(), paths, progress=False)
@@ -46,6 +47,7 @@ def test_every_epoch_is_scored_and_the_best_becomes_the_model(smoke_run):
     assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == 3
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_scoring_off_exports_the_last_epoch_and_needs_no_evaluator(tmp_path, make_run):
     paths = RunPaths(make_run(tmp_path / "run", lenet=False))
     train_unet(smoke(**{"train.epoch_fld_samples": 0, "train.export": "last", "train.epochs": 2}), paths,
@@ -90,6 +92,7 @@ def _gradient(rank: int, world: int, port: int, micro: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.parametrize("world, micro", [(1, 5), (2, 0), (3, 4)])
 def test_the_gradient_is_the_global_batch_mean_however_it_is_split(tmp_path, world, micro):
     from flows.distributed import free_loopback_port

@@ -99,7 +99,7 @@ def registry(root, champion_fld: float, uri: str | None = None):
     return tracker, paths
 
 
-@pytest.mark.parametrize("store", ["sqlite", "server"])
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.system)])
 def test_two_promotions_at_once_leave_the_better_model_champion(store, tmp_path, monkeypatch):
     """Two retrains of champion v1 (FLD 10) finish together: one at FLD 5, one at FLD 8. Each reads the champion
     and sets it; the worse one reads slowly, so without the lock it would read v1, set its version last and win.
@@ -171,6 +171,7 @@ def test_a_promotion_lock_left_by_a_dead_run_is_taken_over(tmp_path, monkeypatch
     assert champion_version(run) == version
 
 
+@pytest.mark.system  # the register task runs under Prefect, which starts its temporary server
 def test_a_register_task_that_fails_after_creating_its_version_makes_no_second_one(tmp_path, monkeypatch):
     """The register task's first attempt creates its version, then MLflow fails (here: the promotion's first
     call). Prefect retries the task; the retry finds the version by its registration key and promotes it."""

@@ -134,6 +134,7 @@ def test_sampling_without_a_model_fails_before_ray_starts(tmp_path):
     assert "unet/model.pt does not exist" in result.stderr and time.monotonic() - start < 60
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_diverging_run_stops_with_its_last_good_checkpoint(smoke_run, capsys, workers):
     """End to end, in-process and on 2 Ray workers: a learning rate that blows the weights up stops training in

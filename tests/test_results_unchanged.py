@@ -180,6 +180,7 @@ def record(case: str, found: dict, images: dict[str, np.ndarray]) -> None:
     np.savez_compressed(path, **stored)
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_config_same_results(case, make_run, tmp_path, recorded_threads):
     train_args, sample_args = CASES[case]

@@ -202,6 +202,7 @@ def read_files(run: Path) -> list[Path]:
     return [p for p in sorted(run.rglob("*")) if p.is_file() and p.suffix not in (".png", ".gif", ".md")]
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_the_damage_cases_cover_every_stage_file(finished_run):
     """What the next test damages: every file of the run's folders, as listed now (no list of names)."""
     found = {str(p.relative_to(finished_run)) for p in read_files(finished_run)}
@@ -211,6 +212,7 @@ def test_the_damage_cases_cover_every_stage_file(finished_run):
         assert expected in found
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 @pytest.mark.parametrize("kind", ["truncated", "empty", "wrong schema", "wrong encoding or garbage"])
 def test_every_damaged_file_is_refused_in_one_line_or_remade(finished_run, tmp_path, capsys, kind):
     """Each file, damaged this way in a copy of the run, then the stage that reads it: either the stage

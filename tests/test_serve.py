@@ -210,6 +210,7 @@ def serve_refusal(*args: str) -> tuple[int, list[str], float]:
     return done.returncode, done.stderr.splitlines(), time.monotonic() - start
 
 
+@pytest.mark.system  # runs the service's command, which must refuse before Ray starts
 def test_bad_serve_flags_and_uris_are_refused_in_one_line_before_ray_starts():
     port = str(free_ports(1)[0])
     status, lines, took = serve_refusal("--port", port, "--mlflow", "bogus://x")

@@ -24,6 +24,7 @@ def conditional_run(tmp_path_factory, prepared_data, smoke_lenet):
     return run
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_a_steps_point_is_the_reports_compare_set(conditional_run, capsys):
     """The same seeds, labels and scoring: the sweep's ddim-5 point and the report's ddim-5 set agree exactly."""
     evaluation = json.loads((conditional_run / "evaluation.json").read_text())
@@ -41,6 +42,7 @@ def test_a_steps_point_is_the_reports_compare_set(conditional_run, capsys):
     assert "| ddim-5 |" in capsys.readouterr().out
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_guidance_points_at_each_scale(conditional_run):
     assert main(["sweep", "--out", str(conditional_run), "--guidance", "0,2", "--samples", "16", "--quiet"]) == 0
     result = json.loads((conditional_run / "sweep_guidance.json").read_text())

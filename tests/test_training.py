@@ -62,6 +62,7 @@ def test_fit_writes_checkpoints_history_and_model(smoke_run):
         assert torch.equal(value, state["ema"][key])
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(tmp_path, make_run):
     straight, split = run_folder(make_run, tmp_path, "a"), run_folder(make_run, tmp_path, "b")
     fit_in_folder(smoke(**{"train.epochs": 3}), straight, progress=False)
@@ -138,6 +139,7 @@ def test_ema_tracks_weights_with_warmup():
     assert ema.decay_at(10**6) == 0.999
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_ema_weights_forget_the_initialisation_in_short_runs(smoke_run):
     """The EMA after a short run is close to the trained weights, not dragged towards the random init."""
     cfg = smoke(**{"train.epochs": 2, "train.ema_decay": 0.999})
@@ -190,6 +192,7 @@ def test_checkpoints_load_with_weights_only(tmp_path, capsys):
     assert "arbitrary code ran" not in capsys.readouterr().out
 
 
+@pytest.mark.system  # a stage end to end: seconds of training or sampling
 def test_the_fast_path_switches_train_exactly_the_same_model(tmp_path, make_run):
     """The training split resident on the device with the finiteness check every 5 steps, against a DataLoader
     and a check every step: the same batches and the same updates, so the same weights to the last bit."""
