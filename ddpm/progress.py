@@ -1,7 +1,7 @@
 """The training display: one bar over optimizer steps (loss, images/s, time left) and one line per epoch.
 
 In-process training drives it from `fit`; Ray training drives the same display on the driver from the events
-rank 0 writes (`flows.distributed`), so a run looks alike wherever it trains. Lines also go to `log` (e.g. a
+the workers send it (`flows.channel`), so a run looks alike wherever it trains. Lines also go to `log` (e.g. a
 Prefect run logger), with a progress line every `log_every` of the steps, since a log has no live bar.
 """
 

@@ -6,12 +6,13 @@ over gloo on CPUs, NCCL on GPUs), each rank's part of every global batch, and th
 Each report from rank 0 carries the epoch's sampling weights as a Ray checkpoint, which Ray Train scores in a
 validation task (`validate_epoch`, `ddpm.pipeline.epoch_fld`) while the workers go on. A `MIN-MAX` worker count
 makes the run elastic. The sampling actors run `ddpm.pipeline.samples.sample_shard` for the shards that
-`ddpm.pipeline.stages.sample` plans and combines.
+`ddpm.pipeline.stages.sample` plans and combines. Progress, epochs and scores reach the driver through one
+channel (`flows.channel`); only the driver shows them, records them and writes them to MLflow.
 
 The run folder is the source of truth: rank 0 writes every epoch's checkpoint there and every restart (after
 a lost worker or node, or a later `ddpm train`, in-process or on Ray) resumes from it. Ray Train V2 (2.60) has
-no `Trainer.restore` anyway; Ray's own storage only holds its run state, the reported checkpoints and these
-events. Every worker must call `ray.train.report` the same number of times.
+no `Trainer.restore` anyway; Ray's own storage only holds its run state, the reported checkpoints and the
+driver's record of the events. Every worker must call `ray.train.report` the same number of times.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ddpm.progress import TrainingDisplay
 from ddpm.schema import worker_range
 from ddpm.training import EpochMetrics, NonFiniteLossError, resolve_device
 from flows import RAY_NODE_ENV
+from flows.channel import Follower, open_channel, send
 from flows.gpu_share import (
     WORKER_GPU_SHARE,
     ResourceWaitError,
@@ -49,7 +51,6 @@ from flows.gpu_share import (
     resource_wait_s,
     waits_message,
 )
-from flows.mlflow_writer import epoch_metrics_for_tracking, live_curve
 from flows.preflight import check_ray_address
 
 
@@ -137,50 +138,34 @@ def read_events(storage: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# How often rank 0 writes a progress event for the driver's display.
+# How often rank 0 sends a progress event for the driver's display.
 PROGRESS_INTERVAL_S = 2.0
 
 
-class EventsDisplay:
-    """The driver's view of a Ray Train run: follows the events rank 0 and the scoring tasks append to the run's
-    events file, and drives the same display in-process training shows (`ddpm.progress`)."""
+class TrainingEvents:
+    """What the driver does with a Ray Train run's events: records each in the run's events file, shows it on the
+    display in-process training shows (`ddpm.progress`), and hands epochs and scores to `curves` (the MLflow
+    writer in-process training uses too, `flows.mlflow_writer.Curves`)."""
 
-    def __init__(self, path: Path, cfg: Config, *, log=None, enabled: bool = True):
-        import threading
-
-        self.path, self.cfg, self.log, self.enabled = path, cfg, log, enabled
-        self.offset = path.stat().st_size if path.exists() else 0  # this attempt's events only
+    def __init__(self, path: Path, cfg: Config, *, log=None, show: bool = True, curves=None):
+        self.path, self.cfg, self.log, self.show, self.curves = path, cfg, log, show, curves
         self.display: TrainingDisplay | None = None
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._follow, name="ray-train-display", daemon=True)
+        self.refused: list[dict[str, Any]] = []  # a deterministic error on the workers, for the driver to raise
 
-    def __enter__(self) -> EventsDisplay:
-        if self.enabled:
-            self.thread.start()
-        return self
+    def __call__(self, event: dict[str, Any]) -> None:
+        _log_event(self.path, **event)
+        if event["event"] == "refused":
+            self.refused.append(event)
+        if self.curves is not None and event["event"] == "epoch_end":
+            self.curves.epoch(event)
+        elif self.curves is not None and event["event"] == "scored":
+            self.curves.scored(event["epoch"], event["fld"])
+        if self.show:
+            self._show(event)
 
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.stopped.set()
-            self.thread.join(timeout=5)
-            self._read()  # what landed after the last poll
-            if self.display is not None:
-                self.display.close()
-
-    def _follow(self) -> None:
-        while not self.stopped.wait(0.5):
-            self._read()
-
-    def _read(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open() as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]  # a line still being written waits for the next read
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            self._show(json.loads(line))
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.close()
 
     def _show(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -196,22 +181,21 @@ class EventsDisplay:
             display.line(line) if display is not None else self._say(line)
         elif display is None:
             return
-        elif kind == "epoch_end" and "images_per_s" in event:
+        elif kind == "epoch_end":
             display.update(event["step"])
             display.epoch_end(event["epoch"], self.cfg.train.epochs, event["train_loss"], event["val_loss"],
                               event["images_per_s"])
-        elif kind == "scored" and "images" in event:
+        elif kind == "scored":
             display.scored(event["epoch"], event["fld"], event["images"])
 
     def _say(self, line: str) -> None:
         (self.log or print)(line)
 
 
-def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str, threads: int,
-                   tracking: dict[str, str] | None = None) -> dict[str, float]:
+def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, channel, threads: int) -> dict[str, float]:
     """Ray Train's validation function: runs as a Ray task on each epoch's reported checkpoint (its sampling
-    weights) while the workers train on, and scores it (`ddpm.pipeline.epoch_fld`): the score file in the run folder,
-    the `epoch_fld` curve in MLflow, and Ray's own record of the checkpoint."""
+    weights) while the workers train on, and scores it (`ddpm.pipeline.epoch_fld`): the score file in the run
+    folder, the score to the driver, and Ray's own record of the checkpoint."""
     from ddpm.checkpoints import UNET, load_checkpoint
     from ddpm.pipeline.epoch_fld import score_weights
 
@@ -220,14 +204,12 @@ def validate_epoch(checkpoint, config: dict[str, Any], run_dir: str, events: str
         path = Path(folder) / "model.pt"
         score = score_weights(config_from_dict(config), RunPaths(Path(run_dir)),
                               load_checkpoint(path, (UNET,), ""), path, "cpu")
-    _record_score(Path(events), tracking, score)
+    _send_score(channel, score)
     return {"epoch_fld": score["fld"], "epoch": score["epoch"]}
 
 
-def _record_score(events: Path, tracking: dict[str, Any] | None, score: dict[str, Any]) -> None:
-    """An epoch's score, wherever it was drawn: an event for the driver's display, the live MLflow curve."""
-    _log_event(events, event="scored", epoch=score["epoch"], fld=score["fld"], images=score["images"])
-    live_curve(tracking, {"epoch_fld": score["fld"]}, score["epoch"])
+def _send_score(channel, score: dict[str, Any]) -> None:
+    send(channel, "scored", wait=True, epoch=score["epoch"], fld=score["fld"], images=score["images"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -241,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     paths = RunPaths(Path(loop_config["run_dir"]))
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    events = Path(loop_config["events"])
+    channel = loop_config["channel"]
     device = ray.train.torch.get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # a logical GPU of `ray start --num-gpus=N` on a machine without CUDA
@@ -253,8 +235,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         state = load_training_state(paths)
         # The pid says which process to look at (or, in the fault tests, to kill) while this attempt runs.
-        _log_event(events, event="start", world_size=context.get_world_size(), pid=os.getpid(),
-                   resumed_after_epoch=state["epoch"] if state else 0)
+        send(channel, "start", wait=True, world_size=context.get_world_size(), pid=os.getpid(),
+             resumed_after_epoch=state["epoch"] if state else 0)
 
     last_progress = [0.0]
 
@@ -263,19 +245,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         now = time.monotonic()
         if rank == 0 and now - last_progress[0] >= PROGRESS_INTERVAL_S:
             last_progress[0] = now
-            _log_event(events, event="progress", step=step, total=total, loss=loss)
+            send(channel, "progress", step=step, total=total, loss=loss)
 
     def on_epoch(metrics: EpochMetrics) -> None:
         if rank != 0:
             ray.train.report(asdict(metrics))
             return
-        _log_event(events, event="epoch_end", epoch=metrics.epoch, train_loss=metrics.train_loss,
-                   val_loss=metrics.val_loss, workers=metrics.workers, images_per_s=metrics.images_per_s,
-                   step=metrics.step)
-        live_curve(loop_config.get("mlflow"), epoch_metrics_for_tracking(metrics), metrics.epoch)
+        send(channel, "epoch_end", wait=True, **asdict(metrics))
         if cfg.train.epoch_fld_samples and loop_config["score_in_line"]:
             # Scored here, between epochs, with the worker's threads: the other ranks wait in the report.
-            _record_score(events, loop_config.get("mlflow"), score_epoch(cfg, paths, metrics.epoch, device))
+            _send_score(channel, score_epoch(cfg, paths, metrics.epoch, device))
         if not cfg.train.epoch_fld_samples or loop_config["score_in_line"]:
             ray.train.report(asdict(metrics))
             return
@@ -293,7 +272,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Deterministic (a NaN loss, a config the checkpoint refuses): a Ray restart would only repeat it. Every
         # rank stops alike (see DiffusionTrainer.train_step); the driver re-raises the message.
         if rank == 0:
-            _log_event(events, event="refused", error=type(exc).__name__, message=str(exc))
+            send(channel, "refused", wait=True, error=type(exc).__name__, message=str(exc))
 
 
 TRAIN_STAGE = "train-unet"  # the flow's task name, as messages about its waits call it
@@ -347,16 +326,16 @@ def scoring_in_tasks(cfg: Config, use_gpu: bool) -> bool:
     return where == "task" or (where == "auto" and use_gpu)
 
 
-def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
-                   tracking: dict[str, str] | None = None,
+def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True, curves=None,
                    log=None, verbose: bool = False) -> list[dict[str, Any]]:
     """`fit` on `cluster.workers` Ray Train workers; resumes from the run folder like the in-process path.
 
-    `tracking` ({"uri", "run_id"}) makes rank 0 log each epoch's metrics to that MLflow run as it ends.
-    With `progress` the driver shows the training as in-process training does (a bar over optimizer steps, a
-    line per epoch and per score), its lines also to `log` (the flow's Prefect logger). Ray Train's own INFO
-    lines (checkpoint paths, validation bookkeeping) stay out of the console unless `verbose`.
+    The driver hands each epoch and score to `curves` as it arrives (`flows.mlflow_writer.Curves`: the flow's
+    MLflow writer). With `progress` it shows the training as in-process training does (a bar over optimizer
+    steps, a line per epoch and per score), its lines also to `log` (the flow's Prefect logger). Ray Train's own
+    INFO lines (checkpoint paths, validation bookkeeping) stay out of the console unless `verbose`.
     """
+    import ray
     from ray.train import (
         ControllerError,
         FailureConfig,
@@ -372,13 +351,14 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
     init_ray()
     storage = (paths.root / ".ray").resolve()  # Ray's run state and events, beside the run's own files
     name = ray_run_name(paths)
-    events = str(_events_path(storage, name))
+    events = _events_path(storage, name)
     use_gpu = _use_gpu(cfg)
     fewest, most = worker_range(cfg.cluster)
     backend, per_worker = None, None  # Ray Train's defaults: gloo and one CPU a worker
     if use_gpu:
         backend = "nccl" if cuda_on_gpu_workers(TRAIN_STAGE, fewest, log) else "gloo"
         per_worker = {"GPU": WORKER_GPU_SHARE}  # beside a model-service replica (flows.gpu_share)
+    channel = open_channel()  # after the waits above, which may give up
     validation = None
     in_tasks = cfg.train.epoch_fld_samples > 0 and scoring_in_tasks(cfg, use_gpu)
     if in_tasks:
@@ -386,14 +366,14 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
         # only once training ends. On a GPU node it takes half the node's cores; forced onto a CPU node
         # (cluster.epoch_scoring=task), one thread.
         threads = cpu_share(2) if use_gpu else 1
-        kwargs = {"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
-                  "threads": threads, "tracking": tracking}
+        kwargs = {"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "channel": channel,
+                  "threads": threads}
         validation = ValidationConfig(validate_epoch, task_config=ValidationTaskConfig(fn_kwargs=kwargs),
                                       ray_remote_kwargs={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "events": events,
-                           "mlflow": tracking, "score_in_line": not in_tasks},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(paths.root.resolve()), "channel": channel,
+                           "score_in_line": not in_tasks},
         # A range makes Ray Train elastic: it starts with as many workers as the cluster can hold (at least
         # `fewest`), restarts with fewer after losing one, and grows again when the resources return.
         scaling_config=ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=use_gpu,
@@ -411,19 +391,21 @@ def train_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True,
         line = (f"Ray Train: {cfg.cluster.workers_text} workers{' (elastic)' if fewest < most else ''} "
                 f"({'GPU' if use_gpu else 'CPU'}), run {name}, epoch scoring {scoring}; Ray's state in {storage}")
         (log or print)(line)
-    attempt = len(read_events(storage, name))
-    with EventsDisplay(Path(events), cfg, log=log, enabled=progress):
-        try:
+    handle = TrainingEvents(events, cfg, log=log, show=progress, curves=curves)
+    try:
+        with Follower(channel, handle):
             trainer.fit()
-        except ControllerError as exc:
-            # The GPUs were taken between our wait and Ray Train's start, and stayed taken for every attempt.
-            if type(exc.controller_failure).__name__ == "WorkerGroupStartupTimeoutError":
-                raise ResourceWaitError(waits_message(TRAIN_STAGE, fewest, resource_wait_s())) from None
-            raise
-    refused = [e for e in read_events(storage, name)[attempt:] if e["event"] == "refused"]
-    if refused:
-        error = {"NonFiniteLossError": NonFiniteLossError}.get(refused[-1]["error"], UserError)
-        raise error(refused[-1]["message"])
+    except ControllerError as exc:
+        # The GPUs were taken between our wait and Ray Train's start, and stayed taken for every attempt.
+        if type(exc.controller_failure).__name__ == "WorkerGroupStartupTimeoutError":
+            raise ResourceWaitError(waits_message(TRAIN_STAGE, fewest, resource_wait_s())) from None
+        raise
+    finally:
+        handle.close()
+        ray.kill(channel)
+    if handle.refused:
+        error = {"NonFiniteLossError": NonFiniteLossError}.get(handle.refused[-1]["error"], UserError)
+        raise error(handle.refused[-1]["message"])
     return finish_training(cfg, paths, device=resolve_device(cfg.train.device), progress=progress)
 
 
@@ -440,27 +422,13 @@ class SamplerActor:
     def ready(self) -> str:
         return str(next(self.model.parameters()).device)
 
-    def sample(self, shard: SampleShard, out: str, progress_actor=None) -> str:
+    def sample(self, shard: SampleShard, out: str, channel) -> str:
         from ddpm.pipeline.samples import sample_shard
 
         def report(n: int) -> None:
-            if progress_actor is not None:
-                progress_actor.add.remote(n)
+            send(channel, "sampled", images=n)
 
         return str(sample_shard(self.model, self.diffusion, self.cfg, shard, Path(out), on_batch=report))
-
-
-class ProgressCounter:
-    """Images done across all actors, polled by the driver's progress bar."""
-
-    def __init__(self) -> None:
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        self.done += n
-
-    def get(self) -> int:
-        return self.done
 
 
 SAMPLE_STAGE = "sample"
@@ -512,20 +480,19 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
             resources = {"num_gpus": WORKER_GPU_SHARE, "num_cpus": 1}
         else:
             n, resources = cfg.cluster.sample_actors, {"num_cpus": 1}
-        counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        channel = open_channel()
         actor_cls = ray.remote(**resources)(SamplerActor)
         actors = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
                                 for _ in range(n)], SAMPLE_STAGE)
         jobs = ActorPool(actors).map_unordered(
             lambda actor, shard: actor.sample.remote(shard, str(stages.shard_file(folder, shard).resolve()),
-                                                     counter), shards)
+                                                     channel), shards)
         with tqdm(total=cfg.sample.num_samples, desc=f"sampling on {len(actors)} Ray actors", unit="img",
                   disable=not progress) as bar:
-            for _ in jobs:
-                bar.n = ray.get(counter.get.remote())
-                bar.refresh()
+            with Follower(channel, lambda event: bar.update(event["images"])):
+                list(jobs)  # every shard written
             bar.n = cfg.sample.num_samples
-        for actor in actors:
+        for actor in [*actors, channel]:
             ray.kill(actor)
 
     # Several shards per actor (finer progress, load balance); how many never changes the images.

@@ -1,13 +1,14 @@
 """The one MLflow writer of flows/: the driver's `Tracker` (flows.tracking, a Writer with runs, artifacts and the
-registry on top), the Ray workers' live curves (flows.distributed) and the flow's backfill of those curves.
+registry on top) and its per-epoch curves (`Curves`). Only the driver writes: Ray's workers send their epochs and
+scores to it (flows.channel).
 
 A run that has trained for an hour must neither die nor wait minutes per call because MLflow stopped. So the
-failure policy, the same in every process: a write that fails while the tracking server does not answer its
-health check turns that process's writer offline; from then on writes return at once, and what they would have
-written is kept (`Writer.missing`, which the flow lists in the run folder's `unlogged.json` for a rerun to log).
-A failure from a server that still answers is a real error and is raised, except from a live curve: curves are
-written during training with one try, never MLflow's minutes of retries, and never stop it, since the run folder
-keeps every epoch and the flow backfills what the live writes missed once training ends (`backfill_curves`).
+failure policy: a write that fails while the tracking server does not answer its health check turns the writer
+offline; from then on writes return at once, and what they would have written is kept (`Writer.missing`, which
+the flow lists in the run folder's `unlogged.json` for a rerun to log). A failure from a server that still
+answers is a real error and is raised, except from a live curve: curves are written during training with one try,
+never MLflow's minutes of retries, and never stop it, since the run folder keeps every epoch and the same
+`Curves` writes what the live writes missed once training ends (`Curves.catch_up`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,9 +58,9 @@ def _one_try() -> Iterator[None]:
     """MLflow's retries off for the calls inside. MLflow 3.17's REST client reads its retry count from
     $MLFLOW_HTTP_REQUEST_MAX_RETRIES at every request (`mlflow.utils.rest_utils.http_request`); neither the client
     nor its calls take one. So the variable is set around these calls alone and put back after: every other call
-    keeps the process's setting (the user's, or MLflow's ~4 minutes). Live writes come from one thread of each
-    process (a worker's training loop or validation task, or the driver's in-process training), while no other
-    MLflow call runs beside them."""
+    keeps the process's setting (the user's, or MLflow's ~4 minutes). Live writes come from one thread of the
+    driver (its training loop, or the thread that follows Ray's workers) while no other MLflow call runs beside
+    them."""
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as retries
 
     saved = retries.get_raw()
@@ -102,7 +103,7 @@ class Writer:
                 log.warning("MLflow at %s stopped answering (%s): the run goes on, results stay in the run folder, "
                             "and what is not logged is listed at the end", masked(self.uri), self.lost)
         item = describe()
-        if item not in self.missing:  # a curve missed live and again by the backfill is one item
+        if item not in self.missing:  # a curve missed live and again at the catch-up is one item
             self.missing.append(item)
         return fallback()
 
@@ -132,37 +133,45 @@ class Writer:
         now = int(time.time() * 1000)
         self.connected().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    @guarded(lambda self, run_id, key: f"{self.stage_of(run_id)}: read {key} history", fallback=lambda *_: set())
-    def logged_steps(self, run_id: str, key: str) -> set[int]:
-        return {m.step for m in self.connected().get_metric_history(run_id, key)}
 
-    def curve(self, run_id: str, values: dict[str, float], step: int) -> None:
-        """One epoch's values (losses, its FLD) as training goes."""
+@dataclass
+class Curves:
+    """One stage run's per-epoch curves (losses, images/s, the epoch FLD), written by the driver alone: live as each
+    epoch and score arrives, with one try, then once training ends whatever is still missing (an earlier attempt's
+    epochs, a failed write, scores drawn at the end) through the same `add`, with MLflow's usual retries."""
+
+    writer: Writer
+    run_id: str
+    logged: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> the values written for it
+
+    def epoch(self, metrics: Any, *, live: bool = True) -> None:
+        """An epoch's end: `EpochMetrics`, its dict, or a training-history entry."""
+        m = metrics if isinstance(metrics, dict) else asdict(metrics)
+        self.add(m["epoch"], epoch_metrics_for_tracking(m), live=live)
+
+    def scored(self, epoch: int, fld: float, *, live: bool = True) -> None:
+        self.add(epoch, {"epoch_fld": fld}, live=live)
+
+    def add(self, epoch: int, values: dict[str, float], *, live: bool = True) -> None:
+        # A value written already is skipped; a new one (an epoch trained again after a restart) is written.
+        values = {k: v for k, v in values.items() if self.logged.get(epoch, {}).get(k) != v}
+        if not values:
+            return
         try:
-            with _one_try():
-                self.metrics(run_id, values, step)
-        except Exception as exc:  # noqa: BLE001 - the backfill logs it, or raises what stays wrong
+            with _one_try() if live else nullcontext():
+                self.writer.metrics(self.run_id, values, epoch)
+        except Exception as exc:  # noqa: BLE001 - live only: `catch_up` writes it, or raises what stays wrong
+            if not live:
+                raise
             log.warning("could not log epoch %d to MLflow (%s); the flow logs the curve once training ends",
-                        step, first_line(exc))
+                        epoch, first_line(exc))
+            return
+        if self.writer.lost is None:  # an offline writer listed it as missing instead
+            self.logged.setdefault(epoch, {}).update(values)
 
-    def backfill_curves(self, run_id: str, history: list[dict[str, Any]]) -> None:
-        """What the live curves missed (an earlier attempt's epochs, a failed write), from the training history."""
-        logged, scored = self.logged_steps(run_id, "train_loss"), self.logged_steps(run_id, "epoch_fld")
+    def catch_up(self, history: list[dict[str, Any]]) -> None:
+        """Every epoch of the training history (with its FLD) that this run's curves do not hold yet."""
         for h in history:
-            values = {} if h["epoch"] in logged else epoch_metrics_for_tracking(h)
-            if "fld" in h and h["epoch"] not in scored:
-                values["epoch_fld"] = h["fld"]
-            if values:
-                self.metrics(run_id, values, step=h["epoch"])
-
-
-@functools.cache
-def _live_writer(uri: str, run_id: str) -> Writer:
-    # One per stage run and process: offline after a failure for the rest of this process's part in that run.
-    return Writer(uri=uri)
-
-
-def live_curve(target: dict[str, str] | None, values: dict[str, float], step: int) -> None:
-    """A curve's epoch from a Ray worker or validation task; `target` ({"uri", "run_id"}) is the flow's stage run."""
-    if target:
-        _live_writer(target["uri"], target["run_id"]).curve(target["run_id"], values, step)
+            self.epoch(h, live=False)
+            if "fld" in h:
+                self.scored(h["epoch"], h["fld"], live=False)

@@ -38,7 +38,7 @@ from ddpm.pipeline.epoch_fld import selection
 from ddpm.pipeline.locks import exclusive
 from ddpm.pipeline.run_folder import HISTORY_REMAKE, RunPaths, commit_config, read_json
 from flows.gpu_share import resource_wait_s
-from flows.mlflow_writer import epoch_metrics_for_tracking
+from flows.mlflow_writer import Curves
 from flows.preflight import check_services
 from flows.tracking import (
     Tracker,
@@ -133,27 +133,28 @@ def train_lenet_task(cfg: Config, paths: RunPaths, cache: Path, tracker: Tracker
 def train_unet_task(cfg: Config, paths: RunPaths, tracker: Tracker, verbose: bool = False) -> list[dict[str, Any]]:
     """Ray Train, or this process for one local worker (`flows.distributed.trains_in_process`); a retry (or a
     rerun with the same run name) resumes from the last checkpoint. Progress shows in this task's log: a line per
-    tenth of the steps, per epoch and per score; the losses and scores reach MLflow as each epoch ends."""
+    tenth of the steps, per epoch and per score; the losses and scores reach MLflow as each epoch ends, written
+    by this process alone (`Curves`), wherever training runs."""
     from flows.distributed import train_with_ray, trains_in_process
 
     with Stage(tracker, "train-unet") as run_id:
         tracker.params(run_id, {"unet_parameters": count_parameters(build_unet(cfg.unet, cfg.diffusion.timesteps)),
                                 "num_workers": cfg.cluster.workers_text})  # "N", or "MIN-MAX" (elastic)
         log = get_run_logger().info
+        curves = Curves(tracker, run_id)
         if trains_in_process(cfg):
             log("U-Net: training in this process (one local worker: cluster.workers=1 without RAY_ADDRESS)")
 
             def live(metrics, fld) -> None:
-                values = epoch_metrics_for_tracking(metrics)
-                tracker.curve(run_id, values if fld is None else {**values, "epoch_fld": fld}, metrics.epoch)
+                curves.epoch(metrics)
+                if fld is not None:
+                    curves.scored(metrics.epoch, fld)
 
             history = stages.train_unet(cfg, paths, progress=True, log=log, on_epoch=live)
         else:
-            history = train_with_ray(cfg, paths, progress=True, tracking={"uri": tracker.uri, "run_id": run_id},
-                                     log=log, verbose=verbose)
-        # Rank 0 logged losses live, and Ray Train's validation tasks each epoch's FLD; add what they did not
-        # (epochs of an earlier attempt, scores the driver computed, a tracking hiccup).
-        tracker.backfill_curves(run_id, history)
+            history = train_with_ray(cfg, paths, progress=True, curves=curves, log=log, verbose=verbose)
+        # What the live curves lack: epochs of an earlier attempt, scores drawn at the end, a tracking hiccup.
+        curves.catch_up(history)
         chosen = selection(paths)
         tracker.tag(run_id, {"model_epoch": chosen["epoch"], "model_selection": chosen["reason"]})
         tracker.metrics(run_id, {"model_epoch": chosen["epoch"]})

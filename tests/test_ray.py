@@ -98,6 +98,69 @@ def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_r
     assert paths.model.is_file() and paths.loss_png.is_file()
 
 
+# Put on the workers' PYTHONPATH: every Ray worker process of the job notes each mlflow module it imports.
+IMPORT_WATCH = """
+import os, sys
+
+def _watch(event, args):
+    if event == "import" and args[0].partition(".")[0] == "mlflow":
+        with open(os.path.join(os.environ["MLFLOW_IMPORTS_DIR"], str(os.getpid())), "a") as f:
+            f.write(args[0] + "\\n")
+
+sys.addaudithook(_watch)
+"""
+
+# A driver of its own, joined to the module's Ray with the watch on its workers' path: trains 2 epochs on 2 workers,
+# each scored in a validation task, with the curves written by this driver to an MLflow store.
+WATCHED_DRIVER = """
+import json, os, sys
+from pathlib import Path
+import ray
+from mlflow.tracking import MlflowClient
+from ddpm.config import load_config
+from ddpm.pipeline.run_folder import RunPaths
+from flows.distributed import train_with_ray
+from flows.mlflow_writer import Curves, Writer
+
+address, run_dir, watch, marks, uri = sys.argv[1:]
+env = {"PYTHONPATH": watch + os.pathsep + os.environ.get("PYTHONPATH", ""), "MLFLOW_IMPORTS_DIR": marks}
+ray.init(address=address, runtime_env={"env_vars": env})
+client = MlflowClient(uri)
+run_id = client.create_run(client.create_experiment("watched", artifact_location=run_dir + "/mlruns")).info.run_id
+cfg = load_config("smoke", overrides={"cluster.workers": 2, "train.epochs": 2, "cluster.epoch_scoring": "task"})
+history = train_with_ray(cfg, RunPaths(Path(run_dir)), progress=False,
+                         curves=Curves(Writer(uri=uri), run_id))
+live = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in ("train_loss", "epoch_fld")}
+# The control: a worker of this job (a fresh one: its own runtime env) that imports mlflow is noted.
+control = ray.remote(lambda: __import__("mlflow") and os.getpid()).options(
+    runtime_env={"env_vars": {**env, "CONTROL": "1"}})
+print(json.dumps({"history": history, "live": live, "control_pid": ray.get(control.remote())}))
+"""
+
+
+def test_only_the_driver_writes_to_mlflow(ray_local, smoke_run, tmp_path):
+    """Rank 0, the other rank and the validation tasks send their epochs and scores to the driver, which writes
+    the curves as they come: no Ray worker process of the run so much as imports mlflow (a worker of the same job
+    that does is seen, so the watch works)."""
+    watch, marks = tmp_path / "watch", tmp_path / "marks"
+    watch.mkdir()
+    marks.mkdir()
+    (watch / "sitecustomize.py").write_text(IMPORT_WATCH)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-c", WATCHED_DRIVER, ray_local.get_runtime_context().gcs_address,
+                           str(smoke_run), str(watch), str(marks), uri],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {p.name for p in marks.iterdir()} == {str(result["control_pid"])}
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Written live, by the driver, from the workers' events: the losses and each validation task's score.
+    assert result["live"]["train_loss"] == [[h["epoch"], pytest.approx(h["train_loss"])] for h in history]
+    assert result["live"]["epoch_fld"] == [[h["epoch"], pytest.approx(h["fld"])] for h in history]
+
+
 def kill_rank0_after_epoch(paths: RunPaths, epoch: int) -> threading.Thread:
     """A fault from outside, as a lost node is: once rank 0 has written epoch `epoch`'s end event, its process
     (the pid its "start" event gave) is killed with SIGKILL, while it scores that epoch or trains the next."""
