@@ -9,6 +9,7 @@ below fails any test that would start a service anyway, so that part of the tier
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,10 +103,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.system)
 
 
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Prefect's temporary server logs "Stopping temporary server" at interpreter exit, through handlers that
-    still point at pytest's capture streams, closed by then: Python prints that as a logging traceback after a
-    green run. Detach Prefect's handlers before pytest closes the streams."""
+    """Once pytest has reported and written its files:
+    - Prefect's temporary server logs "Stopping temporary server" at exit, through handlers that still point at
+      pytest's capture streams, closed by then (a logging traceback after a green run): detach them first;
+    - then the exit handlers (Prefect's server stopped, Ray shut down) and the exit, without the interpreter's
+      teardown of every C extension loaded over the session. After a full serial run, every test green, that
+      teardown once crashed (SIGSEGV) and failed `make test` (docs/reliability.md, "The suite's exit")."""
+    import atexit
     import logging
 
     for logger in [logging.root, *map(logging.getLogger, list(logging.root.manager.loggerDict))]:
@@ -113,6 +126,12 @@ def pytest_unconfigure(config):
             if type(handler).__module__.startswith("prefect"):
                 logger.removeHandler(handler)
     logging.raiseExceptions = False  # whatever logs after this has nowhere useful to go
+    if not _exit_status:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status[-1])
 
 
 @pytest.fixture(autouse=True)
