@@ -120,11 +120,9 @@ def test_up_starts_every_service_healthy_on_loopback(cluster):
     assert_one_retrain_at_a_time(json.loads(body))
 
     # `ray status` through the GCS port with the cluster's env file (token auth, loopback address).
-    env_file = cluster["dir"] / "env"
-    status = subprocess.run(["bash", "-c", f". '{env_file}' && ray status --address \"$RAY_ADDRESS\""], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    status = in_cluster_env(cluster, 'ray status --address "$RAY_ADDRESS"', timeout=60)
     assert status.returncode == 0 and "Active:" in status.stdout, status.stdout + status.stderr
-    exported = subprocess.run(["bash", "-c", f". '{env_file}' && env"], capture_output=True, text=True).stdout
+    exported = in_cluster_env(cluster, "env").stdout
     assert f"PREFECT_API_URL=http://127.0.0.1:{ports['prefect']}/api" in exported
     assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{ports['mlflow']}" in exported
     assert f"RAY_ADDRESS=127.0.0.1:{ports['ray']}" in exported
@@ -473,11 +471,9 @@ def test_a_stage_that_cannot_get_a_gpu_share_stops_within_the_bound_naming_the_h
 def test_real_cluster_prefect_files_deploy(cluster):
     """infra/prefect/: the work pool from the base job template, then both deployments of prefect.yaml, against the
     local Prefect server. (Same deployment names as the served ones: this runs last before `down`.)"""
-    env_file = cluster["dir"] / "env"
-    command = (f". '{env_file}' && prefect work-pool create mnist-ddpm --type process --base-job-template "
-               "infra/prefect/base-job-template.json && prefect --no-prompt deploy --all "
-               "--prefect-file infra/prefect/prefect.yaml")
-    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=240)
+    result = in_cluster_env(cluster, "prefect work-pool create mnist-ddpm --type process --base-job-template "
+                                     "infra/prefect/base-job-template.json && prefect --no-prompt deploy --all "
+                                     "--prefect-file infra/prefect/prefect.yaml", timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     api = f"http://127.0.0.1:{cluster['ports']['prefect']}/api"
     pool = json.loads(get(f"{api}/work_pools/mnist-ddpm")[1])
