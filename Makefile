@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/ddpm pipeline $(ARGS)
 
+# Two pytest-xdist workers, each module on one of them (its module fixtures, a cluster or a Ray, start once), the
+# longest modules first (tests/conftest.py). TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The unit tier: no server, Ray cluster or pipeline (tests/conftest.py refuses to start one there); for every edit.
 test-quick: setup

@@ -97,10 +97,18 @@ def smoke_run(tmp_path, prepared_data, smoke_lenet) -> Path:
     return new_run_folder(tmp_path / "run", prepared_data, smoke_lenet)
 
 
+# `make test` runs two pytest-xdist workers, a module to a worker (--dist loadscope): these modules take longest
+# (docs/performance.md, "The suite's time"), so they start first and the two workers finish together.
+LONGEST_FIRST = ("test_cluster", "test_faults", "test_ray", "test_bench", "test_flow", "test_refusals", "test_serve",
+                 "test_gpu_sharing", "test_cli")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module keeps its own order
 
 
 _exit_status: list[int] = []

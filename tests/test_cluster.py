@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from netcheck import free_ports, is_loopback, listeners_of, listening_sockets
+from netcheck import free_ports, is_loopback, listeners_of
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -85,7 +85,8 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "CLUSTER_DIR": str(cluster_dir), "RAY_PORT": str(ray), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_CLIENT_PORT": str(client), "RAY_DASHBOARD_AGENT_PORT": str(agent), "PREFECT_PORT": str(prefect),
            "MLFLOW_PORT": str(mlflow), "MODEL_SERVE_PORT": str(model), "CLUSTER_START_TIMEOUT": "150",
-           "RAY_NUM_GPUS": "1"}  # a logical GPU: the service and the flows share it as on a GPU node
+           "RAY_NUM_GPUS": "1",  # a logical GPU: the service and the flows share it as on a GPU node
+           "TMPDIR": tempfile.mkdtemp(prefix="mnist-ddpm-cluster-")}  # its own: the soak reads what is left there
     for var in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # a sourced .cluster/env must not leak in
         env.pop(var, None)
     t0 = time.monotonic()
@@ -97,6 +98,7 @@ def cluster(tmp_path_factory):
     finally:
         if any((cluster_dir / f"{svc}.pid").exists() for svc in SERVICES):
             run_cluster(env, "down", timeout=180)
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -386,34 +388,29 @@ def test_flow_killed_mid_training_resumes_when_the_deployment_runs_again(cluster
     assert cached == {"True"}  # data and evaluator: reused from the cache, not redone
 
 
-STACK = ("ray", "prefect", "mlflow", "uvicorn", "flows.", "ddpm", "torch")  # what our processes and temp names hold
+def cluster_snapshot(cluster: dict) -> dict:
+    """The cluster's processes (pid -> command): every process whose environment carries this cluster's
+    CLUSTER_DIR, as its services, Ray workers and flow runs inherit it, orphans of a killed parent included; the
+    TCP ports they listen on; the entries of the cluster's private temp folder; and the summed RSS of those
+    processes. Scoped to the cluster, so that tests running beside it (`make test` runs two at once) do not count."""
+    import psutil
 
-
-def machine_snapshot() -> dict:
-    """The stack's processes anywhere on the machine (pid -> command; orphans of a killed parent included), the
-    listening TCP ports, the temp folder's entries that tempfile or the stack name, and the summed RSS of those
-    processes. Unrelated processes and files (a shell, an editor) do not count."""
+    marker = str(cluster["dir"])
     procs, rss = {}, 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for process in psutil.process_iter(["pid", "cmdline", "environ", "memory_info", "status"]):
+        info = process.info
+        if (info["pid"] == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE or not info["cmdline"]
+                or (info["environ"] or {}).get("CLUSTER_DIR") != marker):
             continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if not cmd or stat[0] == "Z" or int(entry.name) == os.getpid() or not any(k in cmd for k in STACK):
-            continue
-        procs[int(entry.name)] = cmd[:160]
-        rss += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-    temp = {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("tmp") or
-            any(k in name.lower() for k in STACK)}
-    return {"procs": procs, "ports": {port for _, port in listening_sockets().values()}, "temp": temp, "rss": rss}
+        procs[info["pid"]] = " ".join(info["cmdline"])[:160]
+        rss += info["memory_info"].rss
+    ports = {port for _, _, port in listeners_of(set(procs))}
+    return {"procs": procs, "ports": ports, "temp": set(os.listdir(cluster["env"]["TMPDIR"])), "rss": rss}
 
 
-def settled_snapshot() -> dict:
+def settled_snapshot(cluster: dict) -> dict:
     time.sleep(10)  # Ray reaps a finished job's workers within a few seconds
-    return machine_snapshot()
+    return cluster_snapshot(cluster)
 
 
 @pytest.mark.faults
@@ -423,12 +420,13 @@ def test_consecutive_deployment_runs_leak_nothing(cluster, mirror):
     leaves no new processes, listening ports or temp entries behind, and the cluster's memory stays flat."""
     env, _, _ = endpoints(cluster)
     runs = 1 if FINISHED_RUNS else 2  # a cold cluster's first run starts what later runs reuse
-    snapshots = [] if runs == 2 else [settled_snapshot()]
+    snapshots = [] if runs == 2 else [settled_snapshot(cluster)]
     for i in range(runs):
         deployment_run(env, {"profile": "smoke", "run_name": f"soak-{i}", "promotion": "never",
                              "overrides": {"data.mirror": str(mirror)}})
-        snapshots.append(settled_snapshot())
+        snapshots.append(settled_snapshot(cluster))
     base = snapshots[0]
+    assert set(pids(cluster["dir"]).values()) <= set(base["procs"]), base["procs"]  # the scope finds them
     for i, snap in enumerate(snapshots[1:], start=1):
         print(f"soak run {i}: {len(snap['procs'])} processes, {len(snap['ports'])} ports, "
               f"RSS {snap['rss'] / 2**20:.0f} MiB (before: {base['rss'] / 2**20:.0f} MiB)")

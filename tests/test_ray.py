@@ -57,47 +57,6 @@ def layout(paths: RunPaths) -> set[str]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(paths.root).parts)}
 
 
-def test_two_workers_train_checkpoint_every_epoch_then_resume(ray_local, smoke_run):
-    from flows.distributed import ray_run_name, read_events, train_with_ray
-
-    paths = RunPaths(smoke_run)
-    history = train_with_ray(smoke(**{"train.epochs": 2, "cluster.epoch_scoring": "task"}), paths, progress=False)
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
-    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
-    # Each epoch scored by a Ray Train validation task on the checkpoint rank 0 reported, not by the driver.
-    scored = {e["epoch"]: e["fld"] for e in read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
-              if e["event"] == "scored"}
-    assert scored == {h["epoch"]: h["fld"] for h in history}
-    assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == min(scored, key=scored.get)
-
-    # Same run folder, one more epoch, from the command line with an elastic range (`ddpm train --workers 1-2`
-    # joins the running cluster through $RAY_ADDRESS, where both workers fit, and leaves it running): continues
-    # at epoch 3 from the epoch-2 checkpoint. On CPU workers rank 0 scores the epoch itself
-    # (cluster.epoch_scoring=auto).
-    done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run),
-                           "--profile", "smoke", "--workers", "1-2", "--set", "train.epochs=3"],
-                          capture_output=True, text=True,
-                          env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Ray Train: 1-2 workers (elastic)" in done.stdout
-    assert "epoch scoring by rank 0 between epochs" in done.stdout
-    # The driver shows the workers' training: the step bar, the epoch's losses and its score; Ray Train's own
-    # INFO lines (checkpoint paths, reports) stay out of the default output.
-    assert "train U-Net" in done.stderr and "img/s" in done.stderr
-    assert "epoch 3/3: train loss" in done.stderr and "epoch 3: FLD" in done.stderr
-    assert "Checkpoint successfully created" not in done.stdout + done.stderr
-    assert json.loads(paths.config.read_text())["cluster"]["workers"] == [1, 2]
-    assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
-    history = json.loads(paths.history.read_text())
-    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2), (3, 2)]
-    assert epoch_events(paths)[3:] == [("start", 2), ("epoch_end", 3)]
-    assert sorted(read_scores(paths)) == [1, 2, 3]
-    state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
-    assert state["epoch"] == 3 and state["step"] == 3 * (256 // 32)
-    assert paths.model.is_file() and paths.loss_png.is_file()
-
-
 # Put on the workers' PYTHONPATH: every Ray worker process of the job notes each mlflow module it imports.
 IMPORT_WATCH = """
 import os, sys
@@ -139,10 +98,13 @@ print(json.dumps({"history": history, "live": live, "control_pid": ray.get(contr
 """
 
 
-def test_only_the_driver_writes_to_mlflow(ray_local, smoke_run, tmp_path):
-    """Rank 0, the other rank and the validation tasks send their epochs and scores to the driver, which writes
-    the curves as they come: no Ray worker process of the run so much as imports mlflow (a worker of the same job
-    that does is seen, so the watch works)."""
+def test_two_workers_train_only_the_driver_writes_to_mlflow_then_resume(ray_local, smoke_run, tmp_path):
+    """2 epochs on 2 workers, each scored by a validation task, driven by a process of its own (WATCHED_DRIVER):
+    rank 0, the other rank and the validation tasks send their epochs and scores to the driver, which writes the
+    curves as they come, and no Ray worker process of the run so much as imports mlflow (a worker of the same job
+    that does is seen, so the watch works). Then `ddpm train` continues the same run folder for a third epoch."""
+    from flows.distributed import ray_run_name, read_events
+
     watch, marks = tmp_path / "watch", tmp_path / "marks"
     watch.mkdir()
     marks.mkdir()
@@ -159,6 +121,41 @@ def test_only_the_driver_writes_to_mlflow(ray_local, smoke_run, tmp_path):
     # Written live, by the driver, from the workers' events: the losses and each validation task's score.
     assert result["live"]["train_loss"] == [[h["epoch"], pytest.approx(h["train_loss"])] for h in history]
     assert result["live"]["epoch_fld"] == [[h["epoch"], pytest.approx(h["fld"])] for h in history]
+
+    paths = RunPaths(smoke_run)
+    assert epoch_events(paths) == [("start", 0), ("epoch_end", 1), ("epoch_end", 2)]
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    # Each epoch scored by a Ray Train validation task on the checkpoint rank 0 reported, not by the driver.
+    scored = {e["epoch"]: e["fld"] for e in read_events((paths.root / ".ray").resolve(), ray_run_name(paths))
+              if e["event"] == "scored"}
+    assert scored == {h["epoch"]: h["fld"] for h in history}
+    assert load_checkpoint(paths.model, (UNET,), "")["epoch"] == min(scored, key=scored.get)
+
+    # Same run folder, one more epoch, from the command line with an elastic range (`ddpm train --workers 1-2`
+    # joins the running cluster through $RAY_ADDRESS, where both workers fit, and leaves it running): continues
+    # at epoch 3 from the epoch-2 checkpoint. On CPU workers rank 0 scores the epoch itself
+    # (cluster.epoch_scoring=auto).
+    done = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "train", "--out", str(smoke_run),
+                           "--profile", "smoke", "--workers", "1-2", "--set", "train.epochs=3"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ray Train: 1-2 workers (elastic)" in done.stdout
+    assert "epoch scoring by rank 0 between epochs" in done.stdout
+    # The driver shows the workers' training: the step bar, the epoch's losses and its score; Ray Train's own
+    # INFO lines (checkpoint paths, reports) stay out of the default output.
+    assert "train U-Net" in done.stderr and "img/s" in done.stderr
+    assert "epoch 3/3: train loss" in done.stderr and "epoch 3: FLD" in done.stderr
+    assert "Checkpoint successfully created" not in done.stdout + done.stderr
+    assert json.loads(paths.config.read_text())["cluster"]["workers"] == [1, 2]
+    assert ray_local.is_initialized() and ray_local.cluster_resources()["CPU"] == 4
+    history = json.loads(paths.history.read_text())
+    assert [(h["epoch"], h["workers"]) for h in history] == [(1, 2), (2, 2), (3, 2)]
+    assert epoch_events(paths)[3:] == [("start", 2), ("epoch_end", 3)]
+    assert sorted(read_scores(paths)) == [1, 2, 3]
+    state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
+    assert state["epoch"] == 3 and state["step"] == 3 * (256 // 32)
+    assert paths.model.is_file() and paths.loss_png.is_file()
 
 
 def kill_rank0_after_epoch(paths: RunPaths, epoch: int) -> threading.Thread:
@@ -181,12 +178,20 @@ def kill_rank0_after_epoch(paths: RunPaths, epoch: int) -> threading.Thread:
     return thread
 
 
-def test_worker_death_restarts_from_last_checkpoint(ray_local, smoke_run):
+def test_worker_death_restarts_from_last_checkpoint_and_a_conditional_unet_sees_its_labels(ray_local, smoke_run):
+    """Rank 0 killed after epoch 1: the run restarts from that checkpoint and takes every step once. The U-Net is
+    conditional: through DDP the trainer still passes labels, so every digit's embedding row is trained; with
+    p_uncond=0 the null label's row is not. (Before, the DDP wrapper hid num_classes and only the null row
+    trained.)"""
+    import torch
+
+    from ddpm.training import DiffusionTrainer
     from flows.distributed import train_with_ray
 
     paths = RunPaths(smoke_run)
+    cfg = smoke(**{"train.epochs": 3, "unet.num_classes": 10, "train.p_uncond": 0.0})
     killer = kill_rank0_after_epoch(paths, 1)
-    history = train_with_ray(smoke(**{"train.epochs": 3}), paths, progress=False)
+    history = train_with_ray(cfg, paths, progress=False)
     killer.join(timeout=1)
     assert epoch_events(paths) == [
         ("start", 0), ("epoch_end", 1),
@@ -194,7 +199,11 @@ def test_worker_death_restarts_from_last_checkpoint(ray_local, smoke_run):
         ("epoch_end", 3),
     ]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")["step"] == 3 * (256 // 32)
+    state = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")
+    assert state["step"] == 3 * (256 // 32)
+    init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
+    moved = (state["model"]["label_embed.weight"] - init["label_embed.weight"]).abs().sum(dim=1)
+    assert (moved[:10] > 0).all() and moved[10] == 0
 
 
 def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, make_run):
@@ -222,23 +231,6 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
     assert layout(mixed) == layout(plain)
     assert {"unet/checkpoints/epoch_003.pt", "unet/checkpoints/last.pt", "unet/history.json", "unet/model.pt",
             "loss_curves.png"} <= layout(plain)
-
-
-def test_conditional_unet_on_two_workers_sees_its_labels(ray_local, smoke_run):
-    """Through DDP the trainer still passes labels: every digit's embedding row is trained; with p_uncond=0
-    the null label's row is not. (Before, the DDP wrapper hid num_classes and only the null row trained.)"""
-    import torch
-
-    from ddpm.training import DiffusionTrainer
-    from flows.distributed import train_with_ray
-
-    paths = RunPaths(smoke_run)
-    cfg = smoke(**{"train.epochs": 1, "unet.num_classes": 10, "train.p_uncond": 0.0})
-    train_with_ray(cfg, paths, progress=False)
-    trained = load_checkpoint(paths.last_checkpoint, (TRAINING_STATE,), "")["model"]
-    init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
-    moved = (trained["label_embed.weight"] - init["label_embed.weight"]).abs().sum(dim=1)
-    assert (moved[:10] > 0).all() and moved[10] == 0
 
 
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):

@@ -138,14 +138,16 @@ def test_sampling_without_a_model_fails_before_ray_starts(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_diverging_run_stops_with_its_last_good_checkpoint(smoke_run, capsys, workers):
     """End to end, in-process and on 2 Ray workers: a learning rate that blows the weights up stops training in
-    one line, without Ray restarts, and the last completed epoch stays the run's checkpoint."""
+    one line, without Ray restarts, and the last completed epoch stays the run's checkpoint. (The good first epoch
+    trains in-process either way: the run it resumes may come from anywhere.)"""
     from ddpm.checkpoints import TRAINING_STATE, load_checkpoint
 
-    common = ["--out", str(smoke_run), "--workers", str(workers), "--quiet"]
-    assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", *common]) == 0
+    common = ["--out", str(smoke_run), "--quiet"]
+    assert main(["train", "--profile", "smoke", "--set", "train.epochs=1", "--workers", "1", *common]) == 0
     last = smoke_run / "unet" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    assert main(["train", "--set", "train.epochs=3", "--set", "train.lr=1e30", *common]) == 2
+    assert main(["train", "--set", "train.epochs=3", "--set", "train.lr=1e30", "--workers", str(workers),
+                 *common]) == 2
     (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # Ray logs too
     assert "loss became" in message and "epoch 2" in message and "lower train.lr" in message
     assert last.read_bytes() == before and load_checkpoint(last, (TRAINING_STATE,), "")["epoch"] == 1
@@ -153,7 +155,7 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(smoke_run, capsys, 
         from flows.distributed import read_events
 
         events = read_events(smoke_run / ".ray", f"unet-{smoke_run.name}")
-        assert [e["event"] for e in events].count("start") == 2  # the first run, then one attempt: no restarts
+        assert [e["event"] for e in events].count("start") == 1  # one attempt on Ray: no restarts
 
 
 def test_a_sample_stage_stopped_part_way_leaves_the_old_sets(smoke_run):
