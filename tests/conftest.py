@@ -17,8 +17,12 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# `make test` runs two workers on a 2-core machine, each with its pipelines and Ray workers: OpenMP threads waiting
+# for work then sleep instead of spinning on a core the other needs. The numerics do not change; the time does
+# (docs/performance.md, "The test suite"). Read when torch first loads, which no import above does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Tests start the services they need themselves: a shell that sourced .cluster/env must not point them at a
-# running cluster (tests/test_e2e_cluster.py brings up its own).
+# running cluster (tests/test_cluster.py brings up its own).
 for _var in ("RAY_ADDRESS", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MNIST_DDPM_RUNS_DIR", "MNIST_MIRROR"):
     os.environ.pop(_var, None)
 # As flows/__init__.py does for the product: the local Ray binds to loopback only. Ray reads it at import time,
@@ -98,7 +102,7 @@ def smoke_run(tmp_path, prepared_data, smoke_lenet) -> Path:
 
 
 # `make test` runs two pytest-xdist workers, a module to a worker (--dist loadscope): these modules take longest
-# (docs/performance.md, "The suite's time"), so they start first and the two workers finish together.
+# (docs/performance.md, "The test suite"), so they start first and the two workers finish together.
 LONGEST_FIRST = ("test_cluster", "test_faults", "test_ray", "test_bench", "test_flow", "test_refusals", "test_serve",
                  "test_gpu_sharing", "test_cli")
 
