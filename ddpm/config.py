@@ -179,7 +179,7 @@ class ClusterConfig:
     # (rank 0, between epochs, as in-process training does), or "auto": a task on GPU workers, whose node has idle
     # CPUs, the worker on CPU workers, which hold every core (docs/performance.md, "Orchestration").
     epoch_scoring: EpochScoring = "auto"
-    sample_actors: int = 1  # Ray sampling actors; 1 samples in-process
+    sample_actors: int = 1  # Ray sampling actors in the flow; `ddpm sample` with 1 samples in-process
 
     @property
     def workers_text(self) -> str:
