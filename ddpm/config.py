@@ -226,9 +226,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {"train.device": "auto", "train.check_every": 50, "train.fused_optimizer": True,
             "sample.noise": "philox", "sample.batch_size": 2_000,
             "sample.compare": ("dpm++2m-sde:25", "ddim:20"), "sample.compare_samples": 10_000},
-    # A 2-core machine's `make run` in about 20 minutes: each choice below (bf16 training, warm-up and cosine
-    # decay, Min-SNR-gamma, a digit-conditional model at guidance 1, DPM-Solver++ SDE in 25 steps) won a measured
-    # comparison at equal cost (docs/results.md, "The figures behind the defaults").
+    # A 2-core machine's `make run` in about 20 minutes. Each choice below (bf16 training, warm-up and cosine
+    # decay, Min-SNR-gamma, a digit-conditional model at guidance 1, DPM-Solver++ SDE) won a measured comparison
+    # (docs/results.md, "The figures behind the defaults"); its 15 steps come from the steps sweep there.
     "cpu": {
         "unet.num_classes": 10,
         "train.epochs": 9,
@@ -240,7 +240,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # Scored between epochs, on both cores: the cost is in docs/performance.md, "Scoring every epoch".
         "train.epoch_fld_samples": 500,
         "sample.sampler": "dpm++2m-sde",
-        "sample.steps": 25,
+        "sample.steps": 15,
         "sample.batch_size": 250,  # faster than 500 on a 2-core CPU (docs/performance.md, "make bench")
         # On the first 2,000 seeds (10,000 would cost more than the run's sampling): 100-step DDPM, and the same
         # sampler at guidance 0, the model's unconditional branch.
