@@ -543,6 +543,12 @@ def test_down_stops_exactly_our_processes(cluster, outside_ray):
     print(f"cluster down in {time.monotonic() - t0:.1f} s")
     survivors = {pid for pid in family if cluster_py._alive(pid)}
     assert not survivors, f"still running after down: {survivors}"
+    # Nor any process outside those trees that carries the cluster's environment: an orphan (a Ray worker or a
+    # flow run whose parent died) is re-parented away from the services, and only this finds it.
+    deadline = time.monotonic() + 30
+    while (orphans := cluster_snapshot(cluster)["procs"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not orphans, f"processes of the cluster left after down: {orphans}"
     assert not list(cluster_dir.glob("*.pid"))
     for port in cluster["ports"].values():
         assert not cluster_py.port_in_use(port), port
