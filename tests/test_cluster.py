@@ -402,10 +402,11 @@ def test_consecutive_deployment_runs_leak_nothing(cluster, mirror):
     assert growth < 0.05 * base["rss"], f"cluster RSS grew {growth / 2**20:.0f} MiB over a run"
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what) -> None:
+    """Poll `condition` until true or fail after `timeout` s; `what` names it (a callable: read when it fails)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.05)
 
 
@@ -536,6 +537,7 @@ def test_down_stops_exactly_our_processes(cluster, outside_ray):
     family = set().union(*(cluster_py._family(pid) for pid in ours.values()))
     outside = cluster_py._family(outside_ray.pid)
     assert outside and not outside & family
+    assert set(ours.values()) <= set(cluster_snapshot(cluster)["procs"])  # the orphan check below sees them
 
     t0 = time.monotonic()
     down = run_cluster(cluster["env"], "down", timeout=180)
@@ -545,10 +547,8 @@ def test_down_stops_exactly_our_processes(cluster, outside_ray):
     assert not survivors, f"still running after down: {survivors}"
     # Nor any process outside those trees that carries the cluster's environment: an orphan (a Ray worker or a
     # flow run whose parent died) is re-parented away from the services, and only this finds it.
-    deadline = time.monotonic() + 30
-    while (orphans := cluster_snapshot(cluster)["procs"]) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not orphans, f"processes of the cluster left after down: {orphans}"
+    wait_for(lambda: not cluster_snapshot(cluster)["procs"], 30,
+             lambda: f"the cluster's processes to exit after down: {cluster_snapshot(cluster)['procs']}")
     assert not list(cluster_dir.glob("*.pid"))
     for port in cluster["ports"].values():
         assert not cluster_py.port_in_use(port), port
