@@ -66,7 +66,7 @@ def plot(points: list[dict], png: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     recipe = max(points, key=lambda p: p["seconds"]["train-unet"])  # the longest: the recipe the levers cut
-    bounds = {"fld": (1.0, "FLD 1.0"), "recall": (recipe["recall"], f"{recipe['name']}'s recall")}
+    bounds = {"fld": (1.0, "FLD 1.0"), "recall": (recipe["recall"], f"recall of {recipe['name']}")}
     lines = sorted({(p["batch"], p["lr"]) for p in points})  # a line joins the points of one batch and lr
     for ax, score in zip(axes, ("fld", "recall"), strict=True):
         for batch, lr in lines:
@@ -89,7 +89,8 @@ def plot(points: list[dict], png: Path) -> None:
 
 
 def table(points: list[dict]) -> str:
-    rows = ["| point | epochs | batch | lr | training | sampling | pipeline | FLD | precision | recall | worst digit |",
+    rows = ["| point | epochs | batch | lr | training | sampling | pipeline | FLD | precision | recall "
+            "| worst digit share |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in sorted(points, key=lambda p: p["seconds"]["train-unet"]):
         minutes = lambda s: "{} min {:02d} s".format(*divmod(round(s), 60))  # noqa: E731
