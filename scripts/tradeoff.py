@@ -1,8 +1,8 @@
 """Minutes against quality: the cpu profile's training levers, one pipeline run per point, and the curve.
 
-    python scripts/tradeoff.py run NAME [KEY=VALUE ...]   # one point: `ddpm pipeline --out RUNS/NAME --set ...`
-    python scripts/tradeoff.py add NAME RUN_DIR           # a finished run of the same runs folder as a point
-    python scripts/tradeoff.py plot [--png docs/tradeoff_cpu.png]
+    python scripts/tradeoff.py [--runs RUNS] [--profile cpu] run NAME [KEY=VALUE ...]   # one point
+    python scripts/tradeoff.py [--runs RUNS] add NAME RUN_DIR   # a finished run of RUNS, as a point
+    python scripts/tradeoff.py [--runs RUNS] plot [--png docs/tradeoff_cpu.png]
 
 A point is the cpu profile with its overrides, compare sets off and nothing registered, so that what differs
 between points is training. Run them one at a time on a quiet machine: the minutes are the measurement. Each
@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_point(runs: Path, name: str, sets: list[str]) -> dict:
-    command = [str(Path(sys.executable).with_name("ddpm")), "pipeline", "--quiet", "--out", str(runs / name),
+def run_point(runs: Path, name: str, sets: list[str], profile: str) -> dict:
+    command = [str(Path(sys.executable).with_name("ddpm")), "pipeline", "--quiet", "--profile", profile,
+               "--out", str(runs / name),
                "--set", f"runs_dir={runs}", "--set", "sample.compare=", "--set", "tracking.register_models=false"]
     for kv in sets:
         command += ["--set", kv]
@@ -104,6 +105,7 @@ def table(points: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tradeoff", help="the points' runs folder")
+    parser.add_argument("--profile", default="cpu", help="the config `run` overrides (smoke: to try the script)")
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run", help="run one point")
     one.add_argument("name")
@@ -118,7 +120,7 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     ledger = runs / "tradeoff.jsonl"
     if args.command in ("run", "add"):
-        point = (run_point(runs, args.name, args.sets) if args.command == "run" else
+        point = (run_point(runs, args.name, args.sets, args.profile) if args.command == "run" else
                  {"name": args.name, "sets": [], "run_dir": str(args.run_dir.resolve()), "wall_s": None})
         with ledger.open("a") as out:
             out.write(json.dumps(point) + "\n")
