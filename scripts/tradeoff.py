@@ -20,13 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+from ddpm.config import Config, config_from_dict  # reads the keys of older runs too (RENAMED_KEYS)
+from flows.tracking import tracking_uri
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_point(runs: Path, name: str, sets: list[str], profile: str) -> dict:
+    # --out makes RUNS the runs folder too: the points share its cache (data, LeNet) and MLflow store.
     command = [str(Path(sys.executable).with_name("ddpm")), "pipeline", "--quiet", "--profile", profile,
-               "--out", str(runs / name),
-               "--set", f"runs_dir={runs}", "--set", "sample.compare=", "--set", "tracking.register_models=false"]
+               "--out", str(runs / name), "--set", "sample.compare=", "--set", "tracking.register_models=false"]
     for kv in sets:
         command += ["--set", kv]
     start = time.perf_counter()
@@ -34,12 +37,13 @@ def run_point(runs: Path, name: str, sets: list[str], profile: str) -> dict:
     return {"name": name, "sets": sets, "run_dir": str(runs / name), "wall_s": time.perf_counter() - start}
 
 
-def stage_seconds(runs: Path, run_dir: Path) -> dict[str, float]:
-    """Each stage's seconds, and the flow's ("pipeline"), from the run's MLflow runs."""
+def stage_seconds(run_dir: Path, cfg: Config) -> dict[str, float]:
+    """Each stage's seconds, and the flow's ("pipeline"), from the run's MLflow runs: in the store that
+    `ddpm pipeline --out RUN_DIR` logs to (its runs folder is RUN_DIR's parent)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("mnist-ddpm").experiment_id
+    client = MlflowClient(tracking_uri(cfg.tracking.mlflow_uri, run_dir.parent))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     parent = client.search_runs([experiment], f"attributes.run_name = '{run_dir.name}'",
                                 order_by=["attributes.start_time DESC"])[0]
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -47,16 +51,13 @@ def stage_seconds(runs: Path, run_dir: Path) -> dict[str, float]:
     return {**seconds, "pipeline": (parent.info.end_time - parent.info.start_time) / 1000}
 
 
-def describe(runs: Path, point: dict) -> dict:
+def describe(point: dict) -> dict:
     run_dir = Path(point["run_dir"])
-    config = json.loads((run_dir / "config.json").read_text())["train"]
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    history = json.loads((run_dir / "unet" / "history.json").read_text())
-    return {**point, **evaluation["prdc"]["generated_vs_test"], "seconds": stage_seconds(runs, run_dir),
-            "epochs": config["epochs"], "batch": config["batch_size"], "lr": config["lr"],
-            "warmup": config["warmup_steps"], "fld": evaluation["fld"]["generated_vs_test"],
-            "digit_deviation": evaluation["digit_share_max_deviation"], "exported": evaluation["model"]["epoch"],
-            "epoch_scores": [h.get("fld") for h in history]}
+    return {**point, **evaluation["prdc"]["generated_vs_test"], "seconds": stage_seconds(run_dir, cfg),
+            "epochs": cfg.train.epochs, "batch": cfg.train.batch_size, "lr": cfg.train.lr,
+            "fld": evaluation["fld"]["generated_vs_test"], "digit_deviation": evaluation["digit_share_max_deviation"]}
 
 
 def plot(points: list[dict], png: Path) -> None:
@@ -89,12 +90,15 @@ def plot(points: list[dict], png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def minutes(seconds: float) -> str:
+    return "{} min {:02d} s".format(*divmod(round(seconds), 60))
+
+
 def table(points: list[dict]) -> str:
     rows = ["| point | epochs | batch | lr | training | sampling | pipeline | FLD | precision | recall "
             "| worst digit share |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in sorted(points, key=lambda p: p["seconds"]["train-unet"]):
-        minutes = lambda s: "{} min {:02d} s".format(*divmod(round(s), 60))  # noqa: E731
         rows.append(f"| {p['name']} | {p['epochs']} | {p['batch']} | {p['lr']:g} | "
                     f"{minutes(p['seconds']['train-unet'])} | {minutes(p['seconds']['sample'])} | "
                     f"{minutes(p['seconds']['pipeline'])} | "
@@ -125,7 +129,7 @@ def main() -> None:
         with ledger.open("a") as out:
             out.write(json.dumps(point) + "\n")
         return
-    points = [describe(runs, json.loads(line)) for line in ledger.read_text().splitlines() if line.strip()]
+    points = [describe(json.loads(line)) for line in ledger.read_text().splitlines() if line.strip()]
     plot(points, args.png)
     print(table(points))
     print(f"figure: {args.png}")
