@@ -23,14 +23,14 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddpm.checkpoints import TRAINING_STATE, load_checkpoint, sampling_weights, save_checkpoint
-from ddpm.config import Config, config_from_dict
+from ddpm.config import Config, SampleConfig, config_from_dict
 from ddpm.errors import UserError
 from ddpm.pipeline import stages
 from ddpm.pipeline.epoch_fld import check_evaluator, finish_training, score_epoch
@@ -422,13 +422,17 @@ class SamplerActor:
     def ready(self) -> str:
         return str(next(self.model.parameters()).device)
 
-    def sample(self, shard: SampleShard, out: str, channel) -> str:
+    def sample(self, shard: SampleShard, out: str, sample: SampleConfig, channel, set_name: str) -> str:
+        """One shard of a set; the sets of a stage (the main one, those compared) differ only in `sample`, so
+        one actor, its model loaded once, draws them all."""
         from ddpm.pipeline.samples import sample_shard
 
-        def report(n: int) -> None:
-            send(channel, "sampled", images=n)
+        cfg = replace(self.cfg, sample=sample)
 
-        return str(sample_shard(self.model, self.diffusion, self.cfg, shard, Path(out), on_batch=report))
+        def report(n: int) -> None:
+            send(channel, "sampled", images=n, set=set_name)
+
+        return str(sample_shard(self.model, self.diffusion, cfg, shard, Path(out), on_batch=report))
 
 
 SAMPLE_STAGE = "sample"
@@ -463,15 +467,15 @@ def placed_actors(actors: list, stage: str, log=None) -> list:
 
 def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> Path:
     """The sampling stage with its shards computed by Ray actors: on a cluster with GPUs one per GPU worker share
-    free (`flows.gpu_share`), else `cluster.sample_actors`.
+    free (`flows.gpu_share`), else `cluster.sample_actors`. The actors start with the first set and draw the
+    compared sets too: an actor's start (a process, torch, the model) costs more than a smoke set.
 
     Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
+    import ray
 
-    def run_shards(cfg: Config, paths: RunPaths, shards: list[SampleShard], folder: Path) -> None:
-        import ray
-        from ray.util import ActorPool
-        from tqdm.auto import tqdm
+    started: dict[str, Any] = {}  # the actors and the channel, once the first set starts them
 
+    def start(cfg: Config, shards: list[SampleShard]) -> tuple[list, Any]:
         init_ray()
         if cluster_gpus():
             # One actor per GPU worker share free now (beside the model service), not per GPU there; at least one,
@@ -480,20 +484,36 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
             resources = {"num_gpus": WORKER_GPU_SHARE, "num_cpus": 1}
         else:
             n, resources = cfg.cluster.sample_actors, {"num_cpus": 1}
-        channel = open_channel()
+        started["channel"] = open_channel()
         actor_cls = ray.remote(**resources)(SamplerActor)
-        actors = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
-                                for _ in range(n)], SAMPLE_STAGE)
+        started["actors"] = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
+                                           for _ in range(n)], SAMPLE_STAGE)
+        return started["actors"], started["channel"]
+
+    def run_shards(cfg: Config, paths: RunPaths, shards: list[SampleShard], folder: Path) -> None:
+        from ray.util import ActorPool
+        from tqdm.auto import tqdm
+
+        actors, channel = (started["actors"], started["channel"]) if started else start(cfg, shards)
+        set_name = folder.name  # unique to the set
         jobs = ActorPool(actors).map_unordered(
             lambda actor, shard: actor.sample.remote(shard, str(stages.shard_file(folder, shard).resolve()),
-                                                     channel), shards)
+                                                     cfg.sample, channel, set_name), shards)
+
+        def show(event: dict[str, Any]) -> None:
+            if event.get("set") == set_name:  # a late event of the set before is not this one's progress
+                bar.update(event["images"])
+
         with tqdm(total=cfg.sample.num_samples, desc=f"sampling on {len(actors)} Ray actors", unit="img",
                   disable=not progress) as bar:
-            with Follower(channel, lambda event: bar.update(event["images"])):
+            with Follower(channel, show):
                 list(jobs)  # every shard written
             bar.n = cfg.sample.num_samples
-        for actor in [*actors, channel]:
-            ray.kill(actor)
 
-    # Several shards per actor (finer progress, load balance); how many never changes the images.
-    return stages.sample(cfg, paths, progress=progress, run_shards=run_shards, parallelism=cfg.cluster.sample_actors)
+    try:
+        # Several shards per actor (finer progress, load balance); how many never changes the images.
+        return stages.sample(cfg, paths, progress=progress, run_shards=run_shards,
+                             parallelism=cfg.cluster.sample_actors)
+    finally:
+        for actor in [*started.get("actors", []), *([started["channel"]] if started else [])]:
+            ray.kill(actor)

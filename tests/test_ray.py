@@ -233,6 +233,12 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
             "loss_curves.png"} <= layout(plain)
 
 
+def sampler_actors() -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "SamplerActor")], raise_on_missing_output=False)
+
+
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     from ddpm.pipeline.stages import sample, train_unet
     from flows.distributed import sample_with_ray
@@ -243,7 +249,10 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
         cfg = load_config("smoke", overrides={"cluster.sample_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
+        before = {a.actor_id for a in sampler_actors()}
         sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
+        # The actors that drew the main set drew the compared one too: `actors` started, not one more per set.
+        assert len([a for a in sampler_actors() if a.actor_id not in before]) == actors
         results[actors] = read_samples(paths.samples)
         compared[actors] = read_samples(paths.compare_set("ddim-5"))[0]  # the smoke profile's comparison set
         # No shard or temporary file left behind, for the main set or the compared one.
