@@ -470,12 +470,13 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
     free (`flows.gpu_share`), else `cluster.sample_actors`. The actors start with the first set and draw the
     compared sets too: an actor's start (a process, torch, the model) costs more than a smoke set.
 
-    Ray starts only after the stage has loaded the model, so a run folder without one fails at once."""
-    import ray
-
+    Ray is imported and started only after the stage has loaded the model, so a run folder without one fails at
+    once."""
     started: dict[str, Any] = {}  # the actors and the channel, once the first set starts them
 
     def start(cfg: Config, shards: list[SampleShard]) -> tuple[list, Any]:
+        import ray
+
         init_ray()
         if cluster_gpus():
             # One actor per GPU worker share free now (beside the model service), not per GPU there; at least one,
@@ -515,5 +516,8 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
         return stages.sample(cfg, paths, progress=progress, run_shards=run_shards,
                              parallelism=cfg.cluster.sample_actors)
     finally:
-        for actor in [*started.get("actors", []), *([started["channel"]] if started else [])]:
-            ray.kill(actor)
+        if started:
+            import ray
+
+            for actor in [*started.get("actors", []), started["channel"]]:
+                ray.kill(actor)

@@ -234,9 +234,12 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
 
 
 def sampler_actors() -> list:
+    import ray
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "SamplerActor")], raise_on_missing_output=False)
+    # This Ray's own address: found by a scan instead, the other test worker's Ray makes two.
+    return list_actors(address=ray.get_runtime_context().gcs_address,
+                       filters=[("class_name", "=", "SamplerActor")], raise_on_missing_output=False)
 
 
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
