@@ -419,7 +419,7 @@ def test_flow_killed_mid_training_resumes_when_the_deployment_runs_again(cluster
     runs = Path(env["CLUSTER_DIR"]) / "runs"
     root = runs / "killed"
     params = {"profile": "smoke", "run_name": "killed",
-              "overrides": {"data.mirror": str(mirror), "train.epochs": "8"}}
+              "overrides": {"data.mirror": str(mirror), "train.epochs": "5"}}
     deployment_run(env, params, watch=False)
     wait_for(lambda: (root / "unet" / "checkpoints" / "epoch_002.pt").exists(), 300, "epoch 2")
     flow_pid = int((runs / ".killed.lock").read_text())  # the flow-run process holds its run folder's lock
@@ -427,11 +427,11 @@ def test_flow_killed_mid_training_resumes_when_the_deployment_runs_again(cluster
     wait_for(lambda: not Path(f"/proc/{flow_pid}").exists() or
              Path(f"/proc/{flow_pid}/stat").read_text().split()[2] == "Z", 30, "the flow process to die")
     killed_after = max(int(p.stem.split("_")[1]) for p in (root / "unet" / "checkpoints").glob("epoch_*.pt"))
-    assert killed_after < 8, "training finished before the kill: nothing was tested"
+    assert killed_after < 5, "training finished before the kill: nothing was tested"
 
     deployment_run(env, params)
     history = json.loads((root / "unet" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert [h["epoch"] for h in history] == list(range(1, 6))
     from flows.distributed import read_events
 
     starts = [e["resumed_after_epoch"] for e in read_events(root / ".ray", "unet-killed") if e["event"] == "start"]
