@@ -54,8 +54,9 @@ from flows.gpu_share import (
 from flows.preflight import check_ray_address
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at $RAY_ADDRESS if set, else start a small local Ray bound to 127.0.0.1."""
+def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
+    """Join the cluster at $RAY_ADDRESS if set, else start a small local Ray bound to 127.0.0.1; with `dashboard`
+    False, one without the dashboard (ten processes: its State API serves only Ray Train, see below)."""
     import ray
 
     if ray.is_initialized():
@@ -72,15 +73,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     # local Ray on the machine (two pipelines at once) it fails with "Found multiple active Ray instances", or
     # asks the other Ray whether our controller is alive. So the dashboard gets a known port and every worker
     # is told where it is.
+    # Without Ray Train (the sampling actors of a run that trained in-process) nothing asks the State API, and
+    # the dashboard's port is never shown: its processes would cost a smoke run more CPU than its sampling.
     dashboard_port = free_loopback_port()
     ray.init(
         address="local",  # a new Ray of our own, never one that `ray start` left running on the machine
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=512 * 2**20,  # else Ray reserves 30% of RAM
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}}
+        if dashboard else None,
     )
 
 
@@ -477,7 +481,7 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
     def start(cfg: Config, shards: list[SampleShard]) -> tuple[list, Any]:
         import ray
 
-        init_ray()
+        init_ray(dashboard=False)  # a Ray that training started keeps its dashboard
         if cluster_gpus():
             # One actor per GPU worker share free now (beside the model service), not per GPU there; at least one,
             # whose request an autoscaling cluster sees.
