@@ -304,8 +304,9 @@ def test_deployment_run_tracks_everything_in_mlflow(cluster, mirror):
 
 
 def test_retrain_continues_the_champion_is_promoted_and_served(cluster, mirror):
-    """The loop: `mnist-ddpm/retrain` continues the champion from its training state in the registry, beats it,
-    is promoted, and the running model service answers with the new version."""
+    """The loop: `mnist-ddpm/retrain` continues the champion from its training state in the registry (its epochs
+    and optimizer steps numbered on, its lineage recorded on the run and the version), beats it, is promoted,
+    and the running model service answers with the new version."""
     env, mlflow, model = endpoints(cluster)
     parent = rest(mlflow, "registered-models/alias", name="mnist-ddpm-unet", alias="champion")["model_version"]
     parent_tags = {t["key"]: t["value"] for t in parent["tags"]}
@@ -316,19 +317,31 @@ def test_retrain_continues_the_champion_is_promoted_and_served(cluster, mirror):
     lineage = json.loads((root / "lineage.json").read_text())
     assert lineage["parent_version"] == parent["version"]
     assert lineage["parent_epoch"] == int(parent_tags["model_epoch"])
+    assert lineage["parent_steps"] == int(parent_tags["total_steps"])
     history = json.loads((root / "unet" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [lineage["parent_epoch"] + 1, lineage["parent_epoch"] + 2]
+    # Its optimizer steps counted on from the parent's, an epoch's worth each; nothing trained from scratch.
+    steps_per_epoch = history[1]["step"] - history[0]["step"]
+    assert steps_per_epoch > 0 and history[0]["step"] == lineage["parent_steps"] + steps_per_epoch
+    assert not (root / "unet" / "checkpoints" / "epoch_001.pt").exists()
 
     experiment = rest(mlflow, "experiments/get-by-name", experiment_name="mnist-ddpm")["experiment"]
     run = rest(mlflow, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
                                        "filter": "attributes.run_name = 'retrain'"})["runs"][0]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.epochs"] == str(lineage["parent_epoch"] + 2)
+    assert tags["parent_version"] == parent["version"]
+    assert tags["lineage"].startswith(f"continued v{parent['version']}")
     fld = {m["key"]: m["value"] for m in run["data"]["metrics"]}["fld_generated"]
     # Training is deterministic, so this holds on every machine: two more epochs beat the 2-epoch smoke model.
     assert fld < float(parent_tags["fld"]) and tags["promoted"] == "True", (fld, parent_tags["fld"], tags)
     version = tags["unet_version"]
     new = rest(mlflow, "model-versions/get", name="mnist-ddpm-unet", version=version)["model_version"]
-    assert {t["key"]: t["value"] for t in new["tags"]}["parent_version"] == parent["version"]
+    new_tags = {t["key"]: t["value"] for t in new["tags"]}
+    assert new_tags["parent_version"] == parent["version"]
+    steps = {h["epoch"]: h["step"] for h in history}  # of the epoch the version exported
+    assert new_tags["total_steps"] == tags["total_steps"] == str(steps[int(new_tags["model_epoch"])])
     wait_for(lambda: served_version(model) == version, 60, f"the service to serve v{version}")
     with urllib.request.urlopen(f"{model}/generate?n=2&seed=1&format=json", timeout=120) as response:
         assert json.loads(response.read())["version"] == version
