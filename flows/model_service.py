@@ -701,7 +701,7 @@ def serve_until_stopped(options: ServiceOptions) -> None:
     until SIGTERM or Ctrl-C, then delete the app. The caller stops the local Ray (`shutdown_ray`)."""
     from flows.distributed import init_ray
 
-    init_ray()
+    init_ray(dashboard=False)  # Serve asks nothing of it; a local Ray's dashboard port is never shown
     if APP in serve.status().applications:  # serve.run would replace the other process's app
         raise UserError(f"this Ray cluster already serves {APP!r}: stop that `ddpm serve` first")
     stop, up = threading.Event(), threading.Event()
