@@ -478,7 +478,7 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
     once."""
     started: dict[str, Any] = {}  # the actors and the channel, once the first set starts them
 
-    def start(cfg: Config, shards: list[SampleShard]) -> tuple[list, Any]:
+    def start(cfg: Config, shards: list[SampleShard]) -> None:
         import ray
 
         init_ray(dashboard=False)  # a Ray that training started keeps its dashboard
@@ -493,13 +493,14 @@ def sample_with_ray(cfg: Config, paths: RunPaths, *, progress: bool = True) -> P
         actor_cls = ray.remote(**resources)(SamplerActor)
         started["actors"] = placed_actors([actor_cls.remote(str(paths.model.resolve()), cfg.to_dict(), cpu_share(n))
                                            for _ in range(n)], SAMPLE_STAGE)
-        return started["actors"], started["channel"]
 
     def run_shards(cfg: Config, paths: RunPaths, shards: list[SampleShard], folder: Path) -> None:
         from ray.util import ActorPool
         from tqdm.auto import tqdm
 
-        actors, channel = (started["actors"], started["channel"]) if started else start(cfg, shards)
+        if not started:
+            start(cfg, shards)
+        actors, channel = started["actors"], started["channel"]
         set_name = folder.name  # unique to the set
         jobs = ActorPool(actors).map_unordered(
             lambda actor, shard: actor.sample.remote(shard, str(stages.shard_file(folder, shard).resolve()),

@@ -322,7 +322,8 @@ def test_retrain_continues_the_champion_is_promoted_and_served(cluster, mirror):
     assert [h["epoch"] for h in history] == [lineage["parent_epoch"] + 1, lineage["parent_epoch"] + 2]
     # Its optimizer steps counted on from the parent's, an epoch's worth each; nothing trained from scratch.
     steps_per_epoch = history[1]["step"] - history[0]["step"]
-    assert steps_per_epoch > 0 and history[0]["step"] == lineage["parent_steps"] + steps_per_epoch
+    assert steps_per_epoch > 0 and lineage["parent_steps"] == lineage["parent_epoch"] * steps_per_epoch
+    assert history[0]["step"] == lineage["parent_steps"] + steps_per_epoch
     assert not (root / "unet" / "checkpoints" / "epoch_001.pt").exists()
 
     experiment = rest(mlflow, "experiments/get-by-name", experiment_name="mnist-ddpm")["experiment"]
