@@ -230,8 +230,8 @@ def prepare_dataset(out_dir: Path, cfg: DataConfig, progress: bool = True) -> di
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     tmp = _sibling(out_dir, "tmp")
-    tmp.mkdir()
     try:
+        tmp.mkdir()  # inside the try: a Ctrl-C that lands just after the mkdir must still remove the folder
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "source": str(folder.resolve()),
@@ -280,15 +280,14 @@ def _remove_leftovers(out_dir: Path) -> None:
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Rename tmp to out_dir; an old out_dir is moved aside first and deleted only once tmp is in place."""
-    old = None
-    if out_dir.exists():
-        old = _sibling(out_dir, "old")
-        out_dir.rename(old)
+    old = _sibling(out_dir, "old") if out_dir.exists() else None
     try:
+        if old is not None:
+            out_dir.rename(old)
         tmp.rename(out_dir)
     except BaseException:
-        if old is not None:
-            old.rename(out_dir)
+        if old is not None and old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # interrupted between the two renames: put the old dataset back
         raise
     if old is not None and old.is_symlink():
         old.unlink()  # a linked dataset (e.g. shared between runs) is unlinked here, never deleted

@@ -303,6 +303,30 @@ def test_prepare_failure_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor a temp folder
 
 
+def test_ctrl_c_just_after_a_step_leaves_the_old_dataset_and_no_temp_folder(tiny_prepared, monkeypatch):
+    """A signal lands at a bytecode boundary, so also just after the temp folder's mkdir or between the two
+    renames of the swap. CI once caught the first (a `.data.tmp-*` left by Ctrl-C): each is forced here."""
+    out = tiny_prepared
+    before = (out / "manifest.json").read_text()
+    real_mkdir, real_rename = Path.mkdir, Path.rename
+
+    def interrupt_after(real, tag):
+        def step(self, *args, **kwargs):
+            result = real(self, *args, **kwargs)
+            if f".{tag}-" in self.name or (tag == "swap" and self == out):
+                raise KeyboardInterrupt
+            return result
+        return step
+
+    for method, real, tag in (("mkdir", real_mkdir, "data.tmp"), ("rename", real_rename, "swap")):
+        monkeypatch.setattr(Path, method, interrupt_after(real, tag))
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare_dataset(out, DataConfig(mirror=str(out.parent.parent), split_seed=7), progress=False)
+        monkeypatch.setattr(Path, method, real)
+        assert [p.name for p in out.parent.iterdir()] == ["data"], tag
+        assert (out / "manifest.json").read_text() == before and data.prepared_ok(out)
+
+
 def test_failed_reprepare_keeps_old_and_success_replaces(tiny_prepared, monkeypatch):
     out = tiny_prepared
     before = (out / "manifest.json").read_text()
