@@ -75,7 +75,11 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
     # is told where it is.
     # Without Ray Train (the sampling actors of a run that trained in-process) nothing asks the State API, and
     # the dashboard's port is never shown: its processes would cost a smoke run more CPU than its sampling.
+    # One node that nothing drains: Ray Train's preemption watcher, an actor per worker group that polls the GCS
+    # for draining nodes to log them, has nothing to watch (a cluster's Ray keeps it).
     dashboard_port = free_loopback_port()
+    job_env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     ray.init(
         address="local",  # a new Ray of our own, never one that `ray start` left running on the machine
         num_cpus=num_cpus or os.cpu_count(),
@@ -83,8 +87,7 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}}
-        if dashboard else None,
+        runtime_env={"env_vars": job_env} if dashboard else None,
     )
 
 

@@ -204,6 +204,8 @@ def test_worker_death_restarts_from_last_checkpoint_and_a_conditional_unet_sees_
     init = DiffusionTrainer(cfg, torch.device("cpu")).model.state_dict()
     moved = (state["model"]["label_embed.weight"] - init["label_embed.weight"]).abs().sum(dim=1)
     assert (moved[:10] > 0).all() and moved[10] == 0
+    # Ray Train ran two worker groups here without a preemption watcher: a local Ray has no node to drain.
+    assert actors("TrainController") and not actors("PreemptionWatcher")
 
 
 def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, make_run):
@@ -233,13 +235,14 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
             "loss_curves.png"} <= layout(plain)
 
 
-def sampler_actors() -> list:
+def actors(class_name: str) -> list:
+    """The actors of this class that this Ray has started, dead ones included."""
     import ray
     from ray.util.state import list_actors
 
     # This Ray's own address: found by a scan instead, the other test worker's Ray makes two.
     return list_actors(address=ray.get_runtime_context().gcs_address,
-                       filters=[("class_name", "=", "SamplerActor")], raise_on_missing_output=False)
+                       filters=[("class_name", "=", class_name)], raise_on_missing_output=False)
 
 
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
@@ -252,10 +255,10 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
         cfg = load_config("smoke", overrides={"cluster.sample_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
-        before = {a.actor_id for a in sampler_actors()}
+        before = {a.actor_id for a in actors("SamplerActor")}
         sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
         # The actors that drew the main set drew the compared one too: `actors` started, not one more per set.
-        assert len([a for a in sampler_actors() if a.actor_id not in before]) == actors
+        assert len([a for a in actors("SamplerActor") if a.actor_id not in before]) == actors
         results[actors] = read_samples(paths.samples)
         compared[actors] = read_samples(paths.compare_set("ddim-5"))[0]  # the smoke profile's comparison set
         # No shard or temporary file left behind, for the main set or the compared one.
