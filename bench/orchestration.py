@@ -95,9 +95,13 @@ def one(way: str, args: argparse.Namespace, base: Path, runs: Path, env: dict[st
                      "--mirror", args.mirror, *overrides], log, env)
         stage = None
     else:
-        # The run folder gets the shared dataset and evaluator the way the flow's cache hands them out.
-        _run([sys.executable, "-c", _PREPARE, args.profile, str(run_dir), str(runs / "cache"), args.mirror, *sets],
-             base / f"prepare-{way}-{index}.log", env)
+        # The run folder gets the shared dataset and evaluator the way the flow's cache hands them out: prepared
+        # once (same recipe every way), then copied, its data link with it.
+        prepared = runs / ".prepared"
+        if not prepared.exists():
+            _run([sys.executable, "-c", _PREPARE, args.profile, str(prepared), str(runs / "cache"), args.mirror,
+                  *sets], base / "prepare.log", env)
+        shutil.copytree(prepared, run_dir, symlinks=True)
         if way == "in-process":
             start = time.perf_counter()
             wall = _run([str(bin_dir / "ddpm"), "train", "--profile", args.profile, "--out", str(run_dir),
