@@ -96,6 +96,27 @@ def make_run(prepared_data, smoke_lenet):
 
 
 @pytest.fixture
+def seed_cache(prepared_data, smoke_lenet):
+    """seed_cache(runs): the smoke profile's dataset and evaluator put in a runs folder's cache, as an earlier run
+    would have left them, for a pipeline test whose subject is not the cold start (tests/test_flow.py and
+    test_faults.py's two pipelines at once prepare them cold)."""
+    import shutil
+
+    from ddpm.config import load_config
+    from ddpm.pipeline.cache import data_key, lenet_key
+
+    def seed(runs: Path) -> Path:
+        cfg, cache = load_config("smoke"), runs / "cache"
+        cache.mkdir(parents=True)
+        (cache / f"data-{data_key(cfg)}").symlink_to(prepared_data, target_is_directory=True)
+        (cache / f"lenet-{lenet_key(cfg)}").mkdir()
+        shutil.copy(smoke_lenet, cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt")
+        return runs
+
+    return seed
+
+
+@pytest.fixture
 def smoke_run(tmp_path, prepared_data, smoke_lenet) -> Path:
     """A fresh run folder with the data and LeNet stages done: where U-Net training starts."""
     return new_run_folder(tmp_path / "run", prepared_data, smoke_lenet)

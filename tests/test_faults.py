@@ -121,10 +121,10 @@ def mlflow_server(tmp_path):
         server.kill()
 
 
-def test_mlflow_going_away_mid_run_loses_nothing(tmp_path, mirror, mlflow_server):
+def test_mlflow_going_away_mid_run_loses_nothing(tmp_path, mirror, mlflow_server, seed_cache):
     """The tracking server dies during U-Net training. The run still trains, samples and evaluates, then fails
     in one line naming the URI and the list of what was not logged; a rerun with MLflow back logs everything."""
-    out = tmp_path / "runs" / "gone"
+    out = seed_cache(tmp_path / "runs") / "gone"
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri,
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # MLflow's default retries for ~4 minutes first
     run = pipeline(out, mirror, "--set", "train.epochs=3", env=env)
@@ -168,7 +168,7 @@ def test_mlflow_going_away_mid_run_loses_nothing(tmp_path, mirror, mlflow_server
     assert champion.tags["pipeline_run_id"] == attempts["FINISHED"]
 
 
-def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror):
+def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror, seed_cache):
     """`cluster.workers=1-2` on a two-node Ray cluster (two raylets on this machine, one CPU each): the flow
     starts Ray Train with 2 workers; the node of one of them is removed during epoch 2; training goes on with 1
     worker from the last checkpoint and takes the same optimizer steps as an uninterrupted run. Every epoch's FLD
@@ -184,7 +184,7 @@ def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        out = tmp_path / "runs" / "elastic"
+        out = seed_cache(tmp_path / "runs") / "elastic"
         # After a node is lost, Ray Train first retries with the old size until its resource view catches up,
         # for up to this long (60 s by default).
         flow = pipeline(out, mirror, *(a for k, v in settings.items() for a in ("--set", f"{k}={v}")),
@@ -213,7 +213,9 @@ def test_elastic_training_loses_a_node_and_finishes_on_the_rest(tmp_path, mirror
 
     client = MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
     parent = pipeline_runs(client, client.get_experiment_by_name("mnist-ddpm").experiment_id)[0]
-    train = children(client, parent.info.run_id)["train-unet"]
+    stages = children(client, parent.info.run_id)
+    assert {stages[stage].data.tags["cached"] for stage in ("data", "train-lenet")} == {"True"}  # seed_cache's
+    train = stages["train-unet"]
     curve = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "epoch_fld")}
     assert sorted(curve) == [1, 2, 3]
     assert curve == pytest.approx({h["epoch"]: h["fld"] for h in history})

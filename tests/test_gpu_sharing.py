@@ -134,7 +134,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_smoke_flow_completes_beside_the_service_on_two_logical_gpus(runs, mirror, tmp_path):
+def test_the_smoke_flow_completes_beside_the_service_on_two_logical_gpus(runs, mirror, tmp_path, seed_cache):
     """The replica takes a quarter of a GPU, each Ray Train worker (one per GPU here) and each sampling actor the
     rest of one, sampling runs one actor per GPU share free, and the service answers throughout and then serves
     the promoted model. The flow is `--guidance 2` end to end: a conditional U-Net trained across the 2 workers,
@@ -149,6 +149,7 @@ def test_the_smoke_flow_completes_beside_the_service_on_two_logical_gpus(runs, m
 
     cluster = LogicalGpuCluster(gpus)
     uri = registry(runs.parent)
+    seed_cache(runs)  # the dataset and evaluator: this test is about the GPUs
     (port,) = free_ports(1)
     service = None
     try:
