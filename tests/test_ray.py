@@ -205,7 +205,7 @@ def test_worker_death_restarts_from_last_checkpoint_and_a_conditional_unet_sees_
     moved = (state["model"]["label_embed.weight"] - init["label_embed.weight"]).abs().sum(dim=1)
     assert (moved[:10] > 0).all() and moved[10] == 0
     # Ray Train ran two worker groups here without a preemption watcher: a local Ray has no node to drain.
-    assert actors("TrainController") and not actors("PreemptionWatcher")
+    assert ray_actors("TrainController", this_job=True) and not ray_actors("PreemptionWatcher", this_job=True)
 
 
 def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path, make_run):
@@ -235,14 +235,17 @@ def test_resume_crosses_paths_and_leaves_the_same_run_folder(ray_local, tmp_path
             "loss_curves.png"} <= layout(plain)
 
 
-def actors(class_name: str) -> list:
-    """The actors of this class that this Ray has started, dead ones included."""
+def ray_actors(class_name: str, *, this_job: bool = False) -> list:
+    """The actors of this class that this Ray has started, dead ones included; with `this_job`, only those of
+    this process's job (other drivers, e.g. a `ddpm train` given RAY_ADDRESS, join this Ray too)."""
     import ray
     from ray.util.state import list_actors
 
+    filters = [("class_name", "=", class_name)]
+    if this_job:
+        filters.append(("job_id", "=", ray.get_runtime_context().get_job_id()))
     # This Ray's own address: found by a scan instead, the other test worker's Ray makes two.
-    return list_actors(address=ray.get_runtime_context().gcs_address,
-                       filters=[("class_name", "=", class_name)], raise_on_missing_output=False)
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, raise_on_missing_output=False)
 
 
 def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
@@ -255,10 +258,10 @@ def test_sampling_is_identical_with_one_or_two_actors(ray_local, smoke_run):
     for actors in (0, 1, 2):  # 0: in-process, the stage without Ray
         cfg = load_config("smoke", overrides={"cluster.sample_actors": max(actors, 1), "sample.num_samples": 40,
                                               "sample.batch_size": 8})
-        before = {a.actor_id for a in actors("SamplerActor")}
+        before = {a.actor_id for a in ray_actors("SamplerActor")}
         sample_with_ray(cfg, paths, progress=False) if actors else sample(cfg, paths, progress=False)
         # The actors that drew the main set drew the compared one too: `actors` started, not one more per set.
-        assert len([a for a in actors("SamplerActor") if a.actor_id not in before]) == actors
+        assert len([a for a in ray_actors("SamplerActor") if a.actor_id not in before]) == actors
         results[actors] = read_samples(paths.samples)
         compared[actors] = read_samples(paths.compare_set("ddim-5"))[0]  # the smoke profile's comparison set
         # No shard or temporary file left behind, for the main set or the compared one.
