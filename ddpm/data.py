@@ -271,11 +271,20 @@ def _sibling(out_dir: Path, tag: str) -> Path:
 
 
 def _remove_leftovers(out_dir: Path) -> None:
-    """Temp folders of earlier writers that died (SIGTERM, a crash) before they could clean up."""
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = leftover.name.split("-")[-2]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Temp folders and set-aside old datasets of earlier writers that died (SIGTERM, a crash) before they could
+    clean up. An old dataset with nothing in its place (the writer died between the swap's two renames) is put
+    back instead: it is still the only copy."""
+    for tag in ("tmp", "old"):
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.{tag}-*"):
+            pid = leftover.name.split("-")[-2]
+            if not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            if tag == "old" and not (out_dir.exists() or out_dir.is_symlink()):
+                leftover.rename(out_dir)
+            elif leftover.is_symlink():
+                leftover.unlink()  # a linked dataset: only the link goes, never what it points to
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -325,6 +326,36 @@ def test_ctrl_c_just_after_a_step_leaves_the_old_dataset_and_no_temp_folder(tiny
         monkeypatch.setattr(Path, method, real)
         assert [p.name for p in out.parent.iterdir()] == ["data"], tag
         assert (out / "manifest.json").read_text() == before and data.prepared_ok(out)
+
+
+def test_a_dead_writers_set_aside_dataset_is_put_back_or_removed(tiny_prepared, tmp_path):
+    """A writer killed between the swap's renames leaves `.data.old-<pid>-*` and no `data`: the next writer puts
+    it back. Killed after the new dataset is in place, it leaves the old one beside it: removed (a link unlinked,
+    its target kept). A live writer's are left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tiny_prepared
+    manifest = (out / "manifest.json").read_text()
+    aside = out.with_name(f".data.old-{dead.pid}-deadbeef")
+    out.rename(aside)
+    data._remove_leftovers(out)
+    assert (out / "manifest.json").read_text() == manifest and not aside.exists()
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    live = out.with_name(f".data.old-{os.getpid()}-cafebabe")
+    live.mkdir()
+    copy = out.with_name(f".data.old-{dead.pid}-0000beef")
+    copy.mkdir()
+    (copy / "manifest.json").write_text(manifest)
+    link = out.with_name(f".data.old-{dead.pid}-1111beef")
+    link.symlink_to(target, target_is_directory=True)
+    data._remove_leftovers(out)
+    assert not copy.exists() and not link.is_symlink() and target.is_dir() and live.is_dir()
+    assert data.prepared_ok(out)
 
 
 def test_failed_reprepare_keeps_old_and_success_replaces(tiny_prepared, monkeypatch):
