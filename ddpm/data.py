@@ -281,10 +281,8 @@ def _remove_leftovers(out_dir: Path) -> None:
                 continue
             if tag == "old" and not (out_dir.exists() or out_dir.is_symlink()):
                 leftover.rename(out_dir)
-            elif leftover.is_symlink():
-                leftover.unlink()  # a linked dataset: only the link goes, never what it points to
             else:
-                shutil.rmtree(leftover, ignore_errors=True)
+                _discard(leftover)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -298,10 +296,16 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         if old is not None and old.exists() and not out_dir.exists():
             old.rename(out_dir)  # interrupted between the two renames: put the old dataset back
         raise
-    if old is not None and old.is_symlink():
-        old.unlink()  # a linked dataset (e.g. shared between runs) is unlinked here, never deleted
-    elif old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        _discard(old)
+
+
+def _discard(dataset: Path) -> None:
+    """Delete a dataset folder; a linked dataset (e.g. shared between runs) is only unlinked, never deleted."""
+    if dataset.is_symlink():
+        dataset.unlink()
+    else:
+        shutil.rmtree(dataset, ignore_errors=True)
 
 
 def _read_manifest(data_dir: Path) -> dict[str, Any]:

@@ -107,10 +107,10 @@ def seed_cache(prepared_data, smoke_lenet):
 
     def seed(runs: Path) -> Path:
         cfg, cache = load_config("smoke"), runs / "cache"
-        cache.mkdir(parents=True)
+        lenet_entry = cache / f"lenet-{lenet_key(cfg)}"
+        lenet_entry.mkdir(parents=True)
         (cache / f"data-{data_key(cfg)}").symlink_to(prepared_data, target_is_directory=True)
-        (cache / f"lenet-{lenet_key(cfg)}").mkdir()
-        shutil.copy(smoke_lenet, cache / f"lenet-{lenet_key(cfg)}" / "lenet.pt")
+        shutil.copy(smoke_lenet, lenet_entry / "lenet.pt")
         return runs
 
     return seed
